@@ -1,0 +1,323 @@
+"""Typed configuration: one pydantic tree, recipes as YAML files, overrides as dotted keys.
+
+    cfg = load_config("demo", ["train.epochs=3", "model.backbone=resnet101"])
+
+A recipe is a YAML file in ``components/recipes/`` (by name) or any YAML path; it only lists what
+differs from the defaults below. Unknown keys and bad values raise ``ConfigError`` naming the field.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+
+from components.errors import ConfigError
+
+RECIPES_DIR = Path(__file__).parent / "recipes"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IGNORE_INDEX = 255  # Cityscapes trainId for pixels the benchmark does not score
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class SyntheticConfig(_Strict):
+    """The generated dataset in the real Cityscapes layout (demo, tests, benchmarks)."""
+
+    train: int = 24
+    val: int = 8
+    height: int = 128
+    width: int = 256
+    cities: int = 3
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _two_to_one(self) -> SyntheticConfig:
+        if self.width != 2 * self.height:
+            raise ValueError(
+                f"synthetic frames are 2:1 like Cityscapes: width must be 2*height, got "
+                f"{self.width}x{self.height}"
+            )
+        if self.train < 1 or self.val < 1 or self.cities < 1:
+            raise ValueError("train, val and cities must be >= 1")
+        return self
+
+
+class DataConfig(_Strict):
+    source: Literal["synthetic", "download", "local", "s3"] = "download"
+    uri: str | None = None
+    """For source=local: the extracted dataset's path; for source=s3: ``s3://bucket/prefix`` mirror."""
+    root: str = "data/cityscapes"
+    """Where the prepared dataset (leftImg8bit/, gtFine/ with labelTrainIds) lives."""
+    synthetic: SyntheticConfig = SyntheticConfig()
+    trainid_workers: int | None = None
+    """Processes for trainId generation; None = all cores."""
+    num_workers: int = 4
+    """DataLoader workers per rank."""
+    cache: bool = True
+    """Decode each image once into a memory-mapped uint8 cache when the recipe's resize allows it."""
+
+    @model_validator(mode="after")
+    def _uri_for_source(self) -> DataConfig:
+        if self.source in ("local", "s3") and not self.uri:
+            raise ValueError(f"data.uri is required when data.source={self.source}")
+        if self.source == "s3" and self.uri and not self.uri.startswith("s3://"):
+            raise ValueError(f"data.uri must be s3://bucket/prefix for data.source=s3, got {self.uri!r}")
+        return self
+
+
+class AugmentConfig(_Strict):
+    """Training-time augmentation (Albumentations). Validation never augments."""
+
+    resize: tuple[int, int] | None = None
+    """(height, width) every training image is resized to (the paper: 768x1024)."""
+    scale_range: tuple[float, float] | None = (0.5, 2.0)
+    """Random rescale factor range, applied before cropping (the strong recipe)."""
+    crop: tuple[int, int] | None = (512, 1024)
+    """(height, width) random crop after scaling; padded with ignore where the image is smaller."""
+    hflip: bool = True
+    photometric: bool = True
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    @field_validator("resize", "crop")
+    @classmethod
+    def _positive_size(cls, size: tuple[int, int] | None) -> tuple[int, int] | None:
+        if size is not None and min(size) <= 0:
+            raise ValueError(f"sizes are (height, width) > 0, got {size}")
+        return size
+
+    @field_validator("scale_range")
+    @classmethod
+    def _ordered_scale(cls, scale: tuple[float, float] | None) -> tuple[float, float] | None:
+        if scale is not None and not 0 < scale[0] <= scale[1]:
+            raise ValueError(f"scale_range must be (low, high) with 0 < low <= high, got {scale}")
+        return scale
+
+
+class ModelConfig(_Strict):
+    backbone: Literal["resnet50", "resnet101", "mobilenet_v3_large"] = "resnet50"
+    weights: str = "DEFAULT"
+    """DEFAULT (torchvision COCO-with-VOC-labels), none, or a checkpoint path / s3:// / models:/ URI."""
+    num_classes: int = 19
+    aux_loss: bool = True
+
+    @field_validator("num_classes")
+    @classmethod
+    def _enough_classes(cls, n: int) -> int:
+        if not 2 <= n < 255:
+            raise ValueError(f"num_classes must be in [2, 254], got {n}")
+        return n
+
+
+class OptimizerConfig(_Strict):
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    head_lr_mult: float = 10.0
+    """LR multiplier for the classifier heads (torchvision reference: 10x on the aux head)."""
+    schedule: Literal["constant", "poly"] = "poly"
+    poly_power: float = 0.9
+    warmup_iters: int = 0
+    warmup_factor: float = 0.1
+    fused: bool = True
+    """Use the fused CUDA optimizer kernel when training on GPU."""
+
+    @field_validator("lr")
+    @classmethod
+    def _positive_lr(cls, lr: float) -> float:
+        if lr <= 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        return lr
+
+
+class TrainConfig(_Strict):
+    epochs: int = 20
+    global_batch_size: int = 16
+    """Images per optimizer step across all ranks; per-rank batch and accumulation derive from it."""
+    micro_batch_size: int | None = None
+    """Largest per-rank forward batch; None = global_batch_size / world_size (no accumulation)."""
+    aux_weight: float = 0.4
+    """Weight of the auxiliary FCN head's loss; 0 trains on ``out`` only (the paper)."""
+    amp: Literal["auto", "bf16", "none"] = "auto"
+    """auto = bf16 autocast on CUDA, fp32 on CPU."""
+    channels_last: bool = True
+    """Only takes effect on CUDA."""
+    compile: bool = False
+    seed: int = 0
+    deterministic: bool = True
+    output_dir: str = "runs/train"
+    """Checkpoints go here (local directory or s3:// prefix); a rerun with the same one resumes."""
+    log_every: int = 10
+    val_every: int = 1
+
+    @field_validator("epochs", "global_batch_size", "log_every", "val_every")
+    @classmethod
+    def _at_least_one(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError(f"must be >= 1, got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _micro_divides_global(self) -> TrainConfig:
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise ValueError("micro_batch_size must be >= 1")
+        return self
+
+
+class EvaluateConfig(_Strict):
+    resize: tuple[int, int] | None = None
+    """None = the official protocol (logits upsampled to the label's full resolution). A size here
+    makes a *resized* evaluation, labelled as such in every metric name."""
+    batch_size: int = 1
+    num_overlays: int = 4
+    baseline: Literal["paper-baseline", "zero-shot"] = "paper-baseline"
+
+
+class TrackingConfig(_Strict):
+    tracking_uri: str | None = None
+    """None = $MLFLOW_TRACKING_URI, else a SQLite store in run_dir (browse with `mlflow ui`)."""
+    experiment: str = "cityscapes-deeplabv3"
+    system_metrics: bool = True
+
+
+class ExportConfig(_Strict):
+    opset: int = 18
+    max_abs_diff: float = 1e-3
+    min_argmax_agreement: float = 0.999
+    parity_sizes: list[tuple[int, int]] = [(256, 512), (192, 384)]
+    """Two (height, width) sizes the parity gate checks on real validation images."""
+    parity_images: int = 2
+    fp16: bool = False
+    fp16_max_abs_diff: float = 5e-2
+    fp16_min_argmax_agreement: float = 0.99
+
+
+class RegistryConfig(_Strict):
+    model_name: str = "cityscapes-deeplabv3"
+    promotion_margin: float = 0.0
+    """A challenger becomes champion only if its val mIoU beats the champion's by more than this."""
+    create_bucket: bool = True
+
+
+class Config(_Strict):
+    recipe: str = "strong"
+    run_dir: str = "runs"
+    data: DataConfig = DataConfig()
+    augment: AugmentConfig = AugmentConfig()
+    model: ModelConfig = ModelConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    export: ExportConfig = ExportConfig()
+    registry: RegistryConfig = RegistryConfig()
+
+    def resolved_tracking_uri(self) -> str:
+        """The MLflow tracking URI: config, then $MLFLOW_TRACKING_URI, then a SQLite file in run_dir."""
+        if self.tracking.tracking_uri:
+            return self.tracking.tracking_uri
+        if os.environ.get("MLFLOW_TRACKING_URI"):
+            return os.environ["MLFLOW_TRACKING_URI"]
+        return f"sqlite:///{Path(self.run_dir).resolve() / 'mlflow.db'}"
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted-key view, e.g. for MLflow params."""
+        return _flatten(self.model_dump(mode="json"))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def available_recipes() -> list[str]:
+    return sorted(path.stem for path in RECIPES_DIR.glob("*.yaml"))
+
+
+def load_config(recipe: str | Path = "strong", overrides: Iterable[str] = ()) -> Config:
+    """Build a Config from a recipe name or YAML path plus ``key.sub=value`` overrides."""
+    tree = _read_recipe(recipe)
+    for override in overrides:
+        key, value = _parse_override(override)
+        _set_dotted(tree, key, value)
+    return config_from_dict(tree)
+
+
+def config_from_dict(tree: Mapping[str, Any]) -> Config:
+    """Validate a plain dict (a recipe, a checkpoint's saved config) into a Config."""
+    try:
+        return Config.model_validate(dict(tree))
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+
+
+def _read_recipe(recipe: str | Path) -> dict[str, Any]:
+    path = Path(recipe)
+    if path.suffix not in (".yaml", ".yml"):
+        path = RECIPES_DIR / f"{recipe}.yaml"
+        if not path.is_file():
+            raise ConfigError(
+                f"unknown recipe {str(recipe)!r}: choose one of {available_recipes()} "
+                "or pass the path of a YAML file"
+            )
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path} must hold a mapping of config sections, got {type(tree).__name__}")
+    tree.setdefault("recipe", path.stem)
+    return tree
+
+
+def _parse_override(override: str) -> tuple[str, Any]:
+    key, sep, raw = override.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {override!r} must look like section.field=value")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _set_dotted(tree: dict[str, Any], dotted_key: str, value: Any) -> None:
+    *parents, leaf = dotted_key.split(".")
+    node = tree
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted_key}: {part} is not a section")
+        node = child
+    node[leaf] = value
+
+
+def _describe(exc: ValidationError) -> str:
+    problems = []
+    for error in exc.errors():
+        field = ".".join(str(part) for part in error["loc"]) or "<root>"
+        if error["type"] == "extra_forbidden":
+            problems.append(f"{field}: unknown key (check spelling; see README's configuration reference)")
+        else:
+            problems.append(f"{field}: {error['msg']} (got {error.get('input')!r})")
+    return "invalid configuration: " + "; ".join(problems)
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{dotted}."))
+        else:
+            flat[dotted] = value
+    return flat

@@ -1,0 +1,169 @@
+"""Local paths and ``s3://`` URIs behind one small API; every write is atomic (temp file + rename).
+
+S3 settings come from the standard AWS variables (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
+``AWS_DEFAULT_REGION``) plus an endpoint for S3-compatible stores such as MinIO
+(``AWS_ENDPOINT_URL_S3``, ``AWS_ENDPOINT_URL`` or ``MLFLOW_S3_ENDPOINT_URL``, first one set wins).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from components.errors import StorageError
+
+ENDPOINT_VARIABLES = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL")
+
+
+def is_s3(uri: str | os.PathLike[str]) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    """``s3://bucket/some/key`` -> ``("bucket", "some/key")``."""
+    if not is_s3(uri):
+        raise StorageError(f"{uri!r} is not an s3:// URI")
+    bucket, _, key = uri[len("s3://") :].partition("/")
+    if not bucket:
+        raise StorageError(f"{uri!r} names no bucket; expected s3://bucket/prefix")
+    return bucket, key
+
+
+def join(base: str | os.PathLike[str], *parts: str) -> str:
+    """Join path parts onto a local path or an s3:// URI."""
+    if is_s3(base):
+        return "/".join([str(base).rstrip("/"), *(part.strip("/") for part in parts)])
+    return str(Path(base, *parts))
+
+
+def s3_endpoint_url() -> str | None:
+    return next((os.environ[name] for name in ENDPOINT_VARIABLES if os.environ.get(name)), None)
+
+
+def s3_client() -> Any:
+    """A boto3 S3 client for the configured endpoint (credentials from the usual AWS chain)."""
+    return _cached_client(s3_endpoint_url(), os.environ.get("AWS_ACCESS_KEY_ID"))
+
+
+@cache
+def _cached_client(endpoint_url: str | None, _access_key_id: str | None) -> Any:
+    import boto3
+
+    return boto3.client("s3", endpoint_url=endpoint_url)
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it into place only if the block succeeds."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_bytes(uri: str | os.PathLike[str], data: bytes) -> None:
+    if is_s3(uri):
+        bucket, key = split_s3(str(uri))
+        _s3_call(f"upload to {uri}", s3_client().put_object, Bucket=bucket, Key=key, Body=data)
+        return
+    with atomic_path(uri) as tmp:
+        tmp.write_bytes(data)
+
+
+def read_bytes(uri: str | os.PathLike[str]) -> bytes:
+    if is_s3(uri):
+        bucket, key = split_s3(str(uri))
+        response = _s3_call(f"download of {uri}", s3_client().get_object, Bucket=bucket, Key=key)
+        return response["Body"].read()
+    path = Path(uri)
+    if not path.is_file():
+        raise StorageError(f"{path} does not exist")
+    return path.read_bytes()
+
+
+def exists(uri: str | os.PathLike[str]) -> bool:
+    if is_s3(uri):
+        bucket, key = split_s3(str(uri))
+        from botocore.exceptions import ClientError
+
+        try:
+            s3_client().head_object(Bucket=bucket, Key=key)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise StorageError(f"cannot check {uri}: {exc}") from None
+        return True
+    return Path(uri).exists()
+
+
+def list_names(prefix_uri: str | os.PathLike[str]) -> list[str]:
+    """Names of the files directly under a local directory or an s3:// prefix (sorted)."""
+    if is_s3(prefix_uri):
+        bucket, key = split_s3(str(prefix_uri))
+        key = key.rstrip("/") + "/" if key else ""
+        paginator = s3_client().get_paginator("list_objects_v2")
+        names = []
+        for page in _s3_call(
+            f"listing of {prefix_uri}",
+            lambda: list(paginator.paginate(Bucket=bucket, Prefix=key, Delimiter="/")),
+        ):
+            names.extend(obj["Key"][len(key) :] for obj in page.get("Contents", []))
+        return sorted(names)
+    directory = Path(prefix_uri)
+    return sorted(p.name for p in directory.iterdir() if p.is_file()) if directory.is_dir() else []
+
+
+def delete(uri: str | os.PathLike[str]) -> None:
+    if is_s3(uri):
+        bucket, key = split_s3(str(uri))
+        _s3_call(f"delete of {uri}", s3_client().delete_object, Bucket=bucket, Key=key)
+    else:
+        Path(uri).unlink(missing_ok=True)
+
+
+def copy_to_local(uri: str | os.PathLike[str], local: str | os.PathLike[str]) -> Path:
+    """Fetch a file (local or s3://) to a local path, atomically."""
+    target = Path(local)
+    if is_s3(uri):
+        bucket, key = split_s3(str(uri))
+        with atomic_path(target) as tmp:
+            _s3_call(f"download of {uri}", s3_client().download_file, bucket, key, str(tmp))
+    elif Path(uri).resolve() != target.resolve():
+        with atomic_path(target) as tmp:
+            shutil.copyfile(uri, tmp)
+    return target
+
+
+def upload(local: str | os.PathLike[str], uri: str | os.PathLike[str]) -> str:
+    """Put a local file at a local path or s3:// URI (atomically for local targets)."""
+    if is_s3(uri):
+        bucket, key = split_s3(str(uri))
+        _s3_call(f"upload to {uri}", s3_client().upload_file, str(local), bucket, key)
+    else:
+        copy_to_local(local, uri)
+    return str(uri)
+
+
+def _s3_call(what: str, function: Any, *args: Any, **kwargs: Any) -> Any:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        return function(*args, **kwargs)
+    except (BotoCoreError, ClientError) as exc:
+        endpoint = s3_endpoint_url() or "AWS default endpoint"
+        raise StorageError(
+            f"S3 {what} failed ({endpoint}): {exc}. Check the bucket, the endpoint "
+            f"({'/'.join(ENDPOINT_VARIABLES)}) and the AWS credentials."
+        ) from None
