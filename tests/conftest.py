@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,3 +18,15 @@ def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     generate_synthetic_cityscapes(root, train=8, val=4, height=64, width=128, cities=2, seed=0)
     create_trainid_labels(root, workers=2, progress=False)
     return root
+
+
+@pytest.fixture
+def s3_endpoint(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A fresh moto S3 server; the process environment points boto3 at it with test credentials."""
+    from tests.s3server import TEST_CREDENTIALS, moto_server
+
+    with moto_server() as endpoint:
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", endpoint)
+        for name, value in TEST_CREDENTIALS.items():
+            monkeypatch.setenv(name, value)
+        yield endpoint

@@ -42,7 +42,7 @@ def test_bad_values_name_the_field(override, field):
 def test_unknown_recipe_and_malformed_override_are_refused(tmp_path: Path):
     with pytest.raises(ConfigError, match="unknown recipe 'nope'"):
         load_config("nope")
-    with pytest.raises(ConfigError, match="section.field=value"):
+    with pytest.raises(ConfigError, match=r"section\.field=value"):
         load_config("demo", ["train.epochs"])
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: [1, 2]\n")
