@@ -1,0 +1,88 @@
+"""``*_gtFine_labelTrainIds.png`` from the polygon annotations, with cityscapesscripts' own drawing code.
+
+Same files and bytes as cityscapesscripts' sequential ``csCreateTrainIdLabelImgs``, but in parallel
+processes, skipping outputs that are already newer than their annotation, and never leaving a
+half-written PNG behind (each output is written to a temporary name and renamed into place).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+from tqdm import tqdm
+
+from components.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+POLYGON_SUFFIX = "_polygons.json"
+TRAINID_SUFFIX = "_labelTrainIds.png"
+# The same search as cityscapesscripts' createTrainIdLabelImgs.py: fine, then coarse annotations.
+ANNOTATION_GLOBS = ("gtFine/*/*/*_gt*_polygons.json", "gtCoarse/*/*/*_gt*_polygons.json")
+
+
+def trainid_path(polygons: Path) -> Path:
+    return polygons.with_name(polygons.name.replace(POLYGON_SUFFIX, TRAINID_SUFFIX))
+
+
+def create_trainid_labels(root: Path, workers: int | None = None, progress: bool = True) -> int:
+    """Write the missing or outdated trainId label images under ``root``; returns how many were written.
+
+    ``workers`` processes (None = all cores) convert the annotations in chunks.
+    """
+    root = Path(root)
+    annotations = [path for pattern in ANNOTATION_GLOBS for path in sorted(root.glob(pattern))]
+    if not annotations:
+        raise DataError(
+            f"no *_polygons.json annotations under {root}/gtFine/<split>/<city>/: is this the root of an "
+            "extracted Cityscapes dataset (gtFine_trainvaltest.zip)?"
+        )
+    todo = [path for path in annotations if not _up_to_date(path)]
+    logger.info("trainId labels: %d of %d to write under %s", len(todo), len(annotations), root)
+    if not todo:
+        return 0
+
+    workers = min(workers or os.cpu_count() or 1, len(todo))
+    with tqdm(total=len(todo), desc="trainId labels", unit="img", disable=not progress) as bar:
+        if workers == 1:
+            for path in todo:
+                _convert(str(path))
+                bar.update()
+        else:
+            # spawn: the caller may hold threads (Prefect, DataLoader) that make fork unsafe.
+            context = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(workers, mp_context=context) as pool:
+                chunksize = max(1, min(64, len(todo) // (4 * workers)))
+                for _ in pool.map(_convert, [str(path) for path in todo], chunksize=chunksize):
+                    bar.update()
+    return len(todo)
+
+
+def _up_to_date(polygons: Path) -> bool:
+    output = trainid_path(polygons)
+    try:
+        return output.stat().st_mtime >= polygons.stat().st_mtime
+    except FileNotFoundError:
+        return False
+
+
+def _convert(polygons: str) -> None:
+    """One annotation -> its trainId PNG via cityscapesscripts' json2labelImg, renamed into place."""
+    from cityscapesscripts.preparation.json2labelImg import json2labelImg
+
+    output = trainid_path(Path(polygons))
+    # The temporary name keeps the .png suffix: PIL picks the format from it.
+    tmp = output.with_name(f".{output.stem}.{os.getpid()}.tmp.png")
+    try:
+        json2labelImg(polygons, str(tmp), "trainIds")
+        os.replace(tmp, output)
+    except (Exception, SystemExit) as exc:  # cityscapesscripts exits on an unknown label
+        raise DataError(
+            f"cannot convert {polygons} to trainIds: {exc!r}; check the annotation file"
+        ) from None
+    finally:
+        tmp.unlink(missing_ok=True)
