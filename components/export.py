@@ -1,0 +1,350 @@
+"""ONNX export of a fine-tuned DeepLabv3 with a parity gate against PyTorch on real validation images.
+
+The exported graph maps ``image`` (N x 3 x H x W float32, RGB, ImageNet-normalised; N, H and W dynamic)
+to ``logits`` (N x num_classes x H x W). Its ``metadata_props`` (JSON strings) describe everything a
+consumer needs: class names, trainIds, palette, trainId->labelId map, mean/std, input layout, opset,
+exporter, source run id and git commit. The file only reaches ``out_path`` once the gate passed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from components import storage
+from components.config import Config
+from components.errors import CitysegError, ExportError
+from components.labels import CLASS_NAMES, PALETTE, TRAIN_ID_TO_LABEL_ID
+
+log = logging.getLogger(__name__)
+
+INPUT_NAME = "image"
+OUTPUT_NAME = "logits"
+_DYNAMIC_DIMS = {0: "batch", 2: "height", 3: "width"}
+_SAMPLE_SHAPE = (2, 3, 64, 128)  # batch 2: a batch-1 sample would let the exporter specialise N=1
+
+
+@dataclass
+class ParityReport:
+    """What the gate measured for one (height, width) on real validation images."""
+
+    size: tuple[int, int]
+    images: int
+    max_abs_diff: float
+    argmax_agreement: float
+
+
+@dataclass
+class ExportResult:
+    onnx_path: str
+    exporter: str
+    """``dynamo`` or ``torchscript`` (the fallback, used only when the dynamo exporter failed)."""
+    opset: int
+    max_abs_diff: float
+    """Worst value over all parity sizes (fp32 model)."""
+    argmax_agreement: float
+    parity: list[ParityReport]
+    metadata: dict[str, str]
+    fp16_path: str | None = None
+    fp16_parity: list[ParityReport] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class LogitsOnly(nn.Module):
+    """DeepLabv3 returns a dict (``out``, ``aux``); consumers only want the ``out`` logits."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.model(image)["out"]
+
+
+def export_onnx(
+    checkpoint_uri: str,
+    out_path: str,
+    data_root: str,
+    cfg: Config | None = None,
+    *,
+    source_run_id: str | None = None,
+) -> ExportResult:
+    """Export a checkpoint (path, s3:// or models:/ URI) to ONNX at ``out_path`` (local or s3://).
+
+    ``cfg`` defaults to the checkpoint's own config; ``source_run_id`` (default: the active MLflow run)
+    is recorded in the metadata. Raises ExportError when export fails or the parity gate rejects it.
+    """
+    from components.model import load_model
+
+    model, saved_cfg = load_model(checkpoint_uri)
+    cfg = cfg or saved_cfg
+    if cfg.model.num_classes != len(CLASS_NAMES):
+        raise ExportError(
+            f"{checkpoint_uri} predicts {cfg.model.num_classes} classes; only Cityscapes models "
+            f"({len(CLASS_NAMES)} trainIds) can be exported with Cityscapes metadata"
+        )
+    net = LogitsOnly(model).eval()
+    batches = parity_batches(data_root, cfg)
+    with tempfile.TemporaryDirectory(prefix="cityseg-export-") as tmp:
+        staged = Path(tmp) / "model.onnx"
+        exporter = export_graph(net, staged, cfg.export.opset)
+        metadata = onnx_metadata(cfg, exporter, source_run_id)
+        finalize(staged, metadata)
+        parity = check_parity(
+            staged, net, batches, cfg.export.max_abs_diff, cfg.export.min_argmax_agreement, "fp32"
+        )
+        result = ExportResult(
+            onnx_path=str(out_path),
+            exporter=exporter,
+            opset=cfg.export.opset,
+            max_abs_diff=max(r.max_abs_diff for r in parity),
+            argmax_agreement=min(r.argmax_agreement for r in parity),
+            parity=parity,
+            metadata=metadata,
+        )
+        if cfg.export.fp16:
+            staged16 = Path(tmp) / "model.fp16.onnx"
+            convert_fp16(staged, staged16)
+            result.fp16_parity = check_parity(
+                staged16,
+                net,
+                batches,
+                cfg.export.fp16_max_abs_diff,
+                cfg.export.fp16_min_argmax_agreement,
+                "fp16",
+            )
+            result.fp16_path = fp16_path(str(out_path))
+            storage.upload(staged16, result.fp16_path)
+        # Only a model that passed every gate is published (atomically for local paths).
+        storage.upload(staged, str(out_path))
+    log.info(
+        "exported %s -> %s (%s exporter, opset %d): max |diff| %.2e, argmax agreement %.5f",
+        checkpoint_uri,
+        out_path,
+        exporter,
+        result.opset,
+        result.max_abs_diff,
+        result.argmax_agreement,
+    )
+    return result
+
+
+def fp16_path(out_path: str) -> str:
+    """``model.onnx`` -> ``model.fp16.onnx`` (beside it)."""
+    stem = out_path[: -len(".onnx")] if out_path.endswith(".onnx") else out_path
+    return f"{stem}.fp16.onnx"
+
+
+def export_graph(net: nn.Module, path: Path, opset: int) -> str:
+    """Write ``net`` as ONNX with dynamic N/H/W; returns the exporter used (``dynamo``/``torchscript``)."""
+    sample = torch.randn(*_SAMPLE_SHAPE)
+    try:
+        dim = torch.export.Dim.DYNAMIC
+        program = torch.onnx.export(
+            net,
+            (sample,),
+            dynamo=True,
+            opset_version=opset,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_shapes={INPUT_NAME: dict.fromkeys(_DYNAMIC_DIMS, dim)},
+            external_data=False,
+            verbose=False,
+        )
+        program.save(str(path), external_data=False)
+        return "dynamo"
+    except Exception as exc:  # the exporter raises many types; any of them means "try the fallback"
+        log.warning(
+            "dynamo ONNX exporter failed (%s: %s); falling back to the TorchScript exporter",
+            type(exc).__name__,
+            exc,
+        )
+    try:
+        torch.onnx.export(
+            net,
+            (sample,),
+            str(path),
+            dynamo=False,
+            opset_version=opset,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: _DYNAMIC_DIMS, OUTPUT_NAME: _DYNAMIC_DIMS},
+        )
+    except Exception as exc:
+        raise ExportError(f"ONNX export failed with both exporters: {type(exc).__name__}: {exc}") from exc
+    return "torchscript"
+
+
+def onnx_metadata(cfg: Config, exporter: str, source_run_id: str | None = None) -> dict[str, str]:
+    """The ``metadata_props`` every exported model carries (values are JSON strings)."""
+    from components.tracking import git_commit
+
+    if source_run_id is None:
+        import mlflow
+
+        active = mlflow.active_run()
+        source_run_id = active.info.run_id if active else ""
+    fields: dict[str, Any] = {
+        "class_names": list(CLASS_NAMES),
+        "train_ids": list(range(len(CLASS_NAMES))),
+        "palette": [list(color) for color in PALETTE],
+        "train_id_to_label_id": list(TRAIN_ID_TO_LABEL_ID),
+        "ignore_index": 255,
+        "mean": list(cfg.augment.mean),
+        "std": list(cfg.augment.std),
+        "input": {
+            "name": INPUT_NAME,
+            "layout": "NCHW",
+            "dtype": "float32",
+            "channels": "RGB",
+            "normalization": "(pixel / 255 - mean) / std",
+        },
+        "output": {"name": OUTPUT_NAME, "layout": "NCHW", "dtype": "float32", "meaning": "logits"},
+        "opset": cfg.export.opset,
+        "exporter": exporter,
+        "backbone": cfg.model.backbone,
+        "recipe": cfg.recipe,
+        "source_run_id": source_run_id,
+        "git_commit": git_commit(),
+    }
+    return {key: json.dumps(value) for key, value in fields.items()}
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The decoded ``metadata_props`` of an exported model."""
+    model = onnx.load(str(path), load_external_data=False)
+    return {prop.key: json.loads(prop.value) for prop in model.metadata_props}
+
+
+def finalize(path: Path, metadata: dict[str, str]) -> None:
+    """Name the dynamic axes, attach the metadata and run ``onnx.checker`` (full check)."""
+    model = onnx.load(str(path))
+    symbols: dict[str, str] = {}
+    for axis, name in _DYNAMIC_DIMS.items():
+        dim = model.graph.input[0].type.tensor_type.shape.dim[axis]
+        symbols[dim.dim_param or name] = name
+        dim.dim_param = name
+    for dim in model.graph.output[0].type.tensor_type.shape.dim:
+        if dim.dim_param in symbols:
+            dim.dim_param = symbols[dim.dim_param]
+    onnx.helper.set_model_props(model, metadata)
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise ExportError(f"the exported ONNX graph fails onnx.checker: {exc}") from None
+    onnx.save(model, str(path))
+
+
+def convert_fp16(src: Path, dst: Path) -> None:
+    """An fp16 copy for GPU inference; inputs and outputs stay float32 so callers need no change."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    converted = OnnxModel(convert_float_to_float16(onnx.load(str(src)), keep_io_types=True))
+    converted.topological_sort()  # the converter leaves its input casts out of order
+    onnx.checker.check_model(converted.model)
+    onnx.save(converted.model, str(dst))
+
+
+def parity_batches(data_root: str, cfg: Config) -> list[tuple[tuple[int, int], torch.Tensor]]:
+    """``cfg.export.parity_images`` real validation images at each of ``cfg.export.parity_sizes``."""
+    from components.data.dataset import CityscapesSegmentation
+    from components.data.transforms import eval_transform
+
+    if len(cfg.export.parity_sizes) < 2 or len(set(cfg.export.parity_sizes)) < 2:
+        raise ExportError(
+            "export.parity_sizes must list two different (height, width) sizes, got "
+            f"{cfg.export.parity_sizes}"
+        )
+    batches = []
+    for size in cfg.export.parity_sizes:
+        dataset = CityscapesSegmentation(data_root, "val", transform=eval_transform(cfg.augment, resize=size))
+        count = min(cfg.export.parity_images, len(dataset))
+        if count < 1:
+            raise ExportError(f"the parity gate needs validation images, but {data_root} has none")
+        batches.append((tuple(size), torch.stack([dataset[i][0] for i in range(count)])))
+    return batches
+
+
+def check_parity(
+    onnx_path: Path,
+    net: nn.Module,
+    batches: list[tuple[tuple[int, int], torch.Tensor]],
+    max_abs_diff: float,
+    min_agreement: float,
+    label: str,
+) -> list[ParityReport]:
+    """Compare onnxruntime with PyTorch on each batch; ExportError (with the numbers) if any bar fails."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    reports = []
+    for size, images in batches:
+        with torch.no_grad():
+            expected = net(images).numpy()
+        actual = session.run([OUTPUT_NAME], {INPUT_NAME: images.numpy()})[0]
+        if actual.shape != expected.shape:
+            raise ExportError(
+                f"{label} ONNX output shape {actual.shape} != PyTorch {expected.shape} at {size}"
+            )
+        diff = float(np.abs(actual.astype(np.float32) - expected).max())
+        agreement = float((actual.argmax(1) == expected.argmax(1)).mean())
+        reports.append(
+            ParityReport(size=size, images=len(images), max_abs_diff=diff, argmax_agreement=agreement)
+        )
+        log.info("%s parity at %s: max |diff| %.3e, argmax agreement %.5f", label, size, diff, agreement)
+    failed = [
+        r for r in reports if not (r.max_abs_diff <= max_abs_diff and r.argmax_agreement >= min_agreement)
+    ]
+    if failed:
+        details = "; ".join(
+            f"{r.size[0]}x{r.size[1]}: max |logit diff| {r.max_abs_diff:.3e} (limit {max_abs_diff:.1e}), "
+            f"argmax agreement {r.argmax_agreement:.5f} (minimum {min_agreement})"
+            for r in failed
+        )
+        raise ExportError(f"parity gate rejected the {label} ONNX export: {details}. Nothing was published.")
+    return reports
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Export a checkpoint to ONNX, gated by a parity check.")
+    parser.add_argument("--checkpoint", required=True, help="checkpoint path, s3:// or models:/ URI")
+    parser.add_argument("--out", required=True, help="output .onnx path (local or s3://)")
+    parser.add_argument("--data", required=True, help="prepared dataset root (its val split feeds the gate)")
+    parser.add_argument(
+        "--recipe", help="recipe name/YAML whose export settings to use (default: the checkpoint's config)"
+    )
+    parser.add_argument("--run-id", help="source MLflow run id to record in the metadata")
+    parser.add_argument("overrides", nargs="*", help="overrides on --recipe, e.g. export.fp16=true")
+    args = parser.parse_args(argv)
+    if args.overrides and not args.recipe:
+        parser.error("overrides need --recipe (the recipe the checkpoint was trained with)")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg = None
+    if args.recipe:
+        from components.config import load_config
+
+        cfg = load_config(args.recipe, args.overrides)
+    try:
+        result = export_onnx(args.checkpoint, args.out, args.data, cfg, source_run_id=args.run_id)
+    except CitysegError as exc:
+        log.error("%s", exc)
+        return 1
+    print(json.dumps({k: v for k, v in result.to_dict().items() if k != "metadata"}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,165 @@
+"""ONNX export: a real dynamo export of a tiny DeepLabv3, its metadata, and the parity gate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from components.config import Config, load_config
+from components.export import ExportResult
+
+PARITY_OVERRIDES = ["export.parity_sizes=[[64,128],[48,96]]", "export.parity_images=2"]
+
+
+def tiny_config(*overrides: str) -> Config:
+    return load_config("demo", [*PARITY_OVERRIDES, *overrides])
+
+
+def make_checkpoint(directory: Path, seed: int = 0, cfg: Config | None = None) -> str:
+    """A random-init MobileNetV3 DeepLabv3 saved in the components.checkpoint format; returns its path."""
+    from components.checkpoint import save_checkpoint
+    from components.model import build_model
+
+    cfg = cfg or tiny_config()
+    torch.manual_seed(seed)
+    model = build_model(cfg.model)
+    with torch.no_grad():  # non-trivial BatchNorm statistics, so the logits are not all alike
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.2, 0.2)
+                module.running_var.uniform_(0.5, 1.5)
+    state = {"model": model.state_dict(), "epoch": 1, "best_miou": 0.0, "config": cfg.model_dump(mode="json")}
+    return save_checkpoint(state, str(directory))
+
+
+_EXPORTS: dict[Path, tuple[str, ExportResult]] = {}
+
+
+def shared_export(tmp_path_factory: pytest.TempPathFactory, synthetic_root: Path) -> tuple[str, ExportResult]:
+    """One real export per test session (15-30 s on CPU), shared by the model-delivery tests."""
+    from components.export import export_onnx
+
+    if synthetic_root not in _EXPORTS:
+        tmp = tmp_path_factory.mktemp("export")
+        checkpoint = make_checkpoint(tmp / "ckpt")
+        out = str(tmp / "onnx" / "model.onnx")
+        _EXPORTS[synthetic_root] = (
+            checkpoint,
+            export_onnx(checkpoint, out, str(synthetic_root), tiny_config(), source_run_id="run-123"),
+        )
+    return _EXPORTS[synthetic_root]
+
+
+@pytest.fixture
+def exported(tmp_path_factory: pytest.TempPathFactory, synthetic_root: Path) -> tuple[str, ExportResult]:
+    return shared_export(tmp_path_factory, synthetic_root)
+
+
+@pytest.mark.slow
+def test_export_passes_gate_and_carries_metadata(exported, synthetic_root: Path) -> None:
+    from components.export import LogitsOnly, read_metadata
+    from components.labels import CLASS_NAMES, TRAIN_ID_TO_LABEL_ID
+    from components.model import load_model
+
+    checkpoint, result = exported
+    path = Path(result.onnx_path)
+    assert path.is_file() and [p.name for p in path.parent.iterdir()] == ["model.onnx"]
+    assert result.exporter == "dynamo"
+    assert result.max_abs_diff <= 1e-3 and result.argmax_agreement >= 0.999
+    assert [r.size for r in result.parity] == [(64, 128), (48, 96)]
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model, full_check=True)
+    assert model.opset_import[0].version == 18
+    dims = [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", 3, "height", "width"]
+    meta = read_metadata(path)
+    assert meta["class_names"] == list(CLASS_NAMES)
+    assert meta["train_ids"] == list(range(19))
+    assert meta["train_id_to_label_id"] == list(TRAIN_ID_TO_LABEL_ID)
+    assert meta["palette"][0] == [128, 64, 128]
+    assert meta["mean"] == pytest.approx([0.485, 0.456, 0.406])
+    assert meta["opset"] == 18 and meta["source_run_id"] == "run-123"
+    assert meta["input"]["layout"] == "NCHW" and meta["git_commit"]
+    assert all(isinstance(json.loads(p.value), object) for p in model.metadata_props)
+
+    # Dynamic N/H/W: a size and batch the gate never saw still matches PyTorch.
+    net = LogitsOnly(load_model(checkpoint)[0]).eval()
+    images = torch.randn(3, 3, 40, 72)
+    with torch.no_grad():
+        expected = net(images).numpy()
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    actual = session.run(None, {"image": images.numpy()})[0]
+    assert actual.shape == (3, 19, 40, 72)
+    assert np.abs(actual - expected).max() <= 1e-3
+
+
+@pytest.mark.slow
+def test_parity_gate_rejects_a_perturbed_model(exported, synthetic_root: Path) -> None:
+    from components.errors import ExportError
+    from components.export import LogitsOnly, check_parity, parity_batches
+    from components.model import load_model
+
+    checkpoint, result = exported
+    net = LogitsOnly(load_model(checkpoint)[0]).eval()
+    with torch.no_grad():  # weights changed after the export: the ONNX file no longer matches
+        net.model.classifier[4].weight.add_(0.5 * torch.randn_like(net.model.classifier[4].weight))
+    batches = parity_batches(str(synthetic_root), tiny_config())
+    with pytest.raises(ExportError, match=r"max \|logit diff\| \d\.\d+e[+-]\d+ \(limit 1\.0e-03\)"):
+        check_parity(Path(result.onnx_path), net, batches, 1e-3, 0.999, "fp32")
+
+
+@pytest.mark.slow
+def test_rejected_export_publishes_nothing(
+    exported, tmp_path: Path, synthetic_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A broken export (the graph of other weights than the checkpoint's): the gate must refuse it."""
+    import shutil
+
+    from components import export
+    from components.errors import ExportError
+
+    stale_graph = exported[1].onnx_path
+
+    def broken_export_graph(net: torch.nn.Module, path: Path, opset: int) -> str:
+        shutil.copyfile(stale_graph, path)
+        return "dynamo"
+
+    monkeypatch.setattr(export, "export_graph", broken_export_graph)
+    out = tmp_path / "out" / "model.onnx"
+    checkpoint = make_checkpoint(tmp_path / "ckpt", seed=1)
+    with pytest.raises(ExportError, match="parity gate rejected"):
+        export.export_onnx(checkpoint, str(out), str(synthetic_root), tiny_config())
+    assert not out.exists()
+    assert not out.parent.exists() or list(out.parent.iterdir()) == []
+
+
+def test_export_cli_help() -> None:
+    from components.export import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+
+
+@pytest.mark.slow
+def test_fp16_variant_meets_its_own_bar(exported, tmp_path: Path, synthetic_root: Path) -> None:
+    from components.export import LogitsOnly, check_parity, convert_fp16, parity_batches
+    from components.model import load_model
+
+    checkpoint, result = exported
+    fp16 = tmp_path / "model.fp16.onnx"
+    convert_fp16(Path(result.onnx_path), fp16)
+    assert fp16.stat().st_size < 0.6 * Path(result.onnx_path).stat().st_size
+    net = LogitsOnly(load_model(checkpoint)[0]).eval()
+    cfg = tiny_config()
+    reports = check_parity(
+        fp16, net, parity_batches(str(synthetic_root), cfg),
+        cfg.export.fp16_max_abs_diff, cfg.export.fp16_min_argmax_agreement, "fp16",
+    )  # fmt: skip
+    assert all(0 < r.max_abs_diff <= 5e-2 and r.argmax_agreement >= 0.99 for r in reports)
