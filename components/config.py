@@ -147,6 +147,9 @@ class TrainConfig(_Strict):
     """Largest per-rank forward batch; None = global_batch_size / world_size (no accumulation)."""
     aux_weight: float = 0.4
     """Weight of the auxiliary FCN head's loss; 0 trains on ``out`` only (the paper)."""
+    head_dropout: float | None = None
+    """Dropout probability in the DeepLab heads while training; None keeps torchvision's (0.5 in ASPP,
+    0.1 in the aux head). 0 makes a run independent of how the batch is split across ranks."""
     amp: Literal["auto", "bf16", "none"] = "auto"
     """auto = bf16 autocast on CUDA, fp32 on CPU."""
     channels_last: bool = True
@@ -165,6 +168,13 @@ class TrainConfig(_Strict):
         if value < 1:
             raise ValueError(f"must be >= 1, got {value}")
         return value
+
+    @field_validator("head_dropout")
+    @classmethod
+    def _probability(cls, p: float | None) -> float | None:
+        if p is not None and not 0 <= p < 1:
+            raise ValueError(f"must be in [0, 1), got {p}")
+        return p
 
     @model_validator(mode="after")
     def _micro_divides_global(self) -> TrainConfig:
@@ -208,6 +218,34 @@ class RegistryConfig(_Strict):
     create_bucket: bool = True
 
 
+StageName = Literal["prepare", "evaluate", "train", "export", "register"]
+
+
+class OrchestrationConfig(_Strict):
+    """How the Prefect flows run the stages (``flows/``); components never read this section."""
+
+    stage_deployments: dict[StageName, str] = {}
+    """Stage -> ``flow-name/deployment-name`` (e.g. ``prepare: prepare-data/cityscapes-cpu``) to run that
+    stage in its own container on its own work pool via ``run_deployment``; stages without an entry
+    run in-process as subflows."""
+    stage_timeout_s: float | None = None
+    """Longest wait for a stage deployment's flow run; None = no limit."""
+    retries: int = 3
+    """Retries of the network-bound stages (data download/S3, evaluation and registration in MLflow)."""
+    retry_delay_seconds: list[float] = [10.0, 60.0, 180.0]
+    """Back-off between those retries (the last value repeats)."""
+    mlflow_ui_url: str | None = None
+    """Base URL for the MLflow links in the flow's artifacts; None = the tracking URI when it is http(s),
+    else ``http://127.0.0.1:5000`` (``mlflow ui``'s default)."""
+
+    @field_validator("retries")
+    @classmethod
+    def _non_negative(cls, retries: int) -> int:
+        if retries < 0:
+            raise ValueError(f"retries must be >= 0, got {retries}")
+        return retries
+
+
 class Config(_Strict):
     recipe: str = "strong"
     run_dir: str = "runs"
@@ -220,6 +258,7 @@ class Config(_Strict):
     tracking: TrackingConfig = TrackingConfig()
     export: ExportConfig = ExportConfig()
     registry: RegistryConfig = RegistryConfig()
+    orchestration: OrchestrationConfig = OrchestrationConfig()
 
     def resolved_tracking_uri(self) -> str:
         """The MLflow tracking URI: config, then $MLFLOW_TRACKING_URI, then a SQLite file in run_dir."""

@@ -32,15 +32,25 @@ def configure(cfg: Config) -> str:
 
 
 @contextmanager
-def mlflow_run(cfg: Config, run_name: str, tags: Mapping[str, str] | None = None) -> Iterator[Any]:
-    """Start a run with the flattened config as params and the code/environment as tags."""
+def mlflow_run(
+    cfg: Config, run_name: str, tags: Mapping[str, str] | None = None, run_id: str | None = None
+) -> Iterator[Any]:
+    """Start a run with the flattened config as params and the code/environment as tags.
+
+    With ``run_id`` the existing run is continued instead (a resumed training job): its params and
+    ``config.yaml`` were logged when it started and MLflow params cannot change, so only tags are set.
+    """
     configure(cfg)
     all_tags = {**environment_tags(), "recipe": cfg.recipe, "backbone": cfg.model.backbone, **(tags or {})}
     with mlflow.start_run(
-        run_name=run_name, tags=all_tags, log_system_metrics=cfg.tracking.system_metrics
+        run_id=run_id,
+        run_name=None if run_id else run_name,
+        tags=all_tags,
+        log_system_metrics=cfg.tracking.system_metrics,
     ) as run:
-        mlflow.log_params(cfg.flat())
-        mlflow.log_text(cfg.to_yaml(), "config.yaml")
+        if run_id is None:
+            mlflow.log_params(cfg.flat())
+            mlflow.log_text(cfg.to_yaml(), "config.yaml")
         yield run
 
 
