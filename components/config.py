@@ -25,18 +25,24 @@ IGNORE_INDEX = 255  # Cityscapes trainId for pixels the benchmark does not score
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
 
 class SyntheticConfig(_Strict):
     """The generated dataset in the real Cityscapes layout (demo, tests, benchmarks)."""
 
     train: int = 24
+    """Training frames to generate."""
     val: int = 8
+    """Validation frames to generate."""
     height: int = 128
+    """Frame height in pixels (width must be 2x, as in Cityscapes)."""
     width: int = 256
+    """Frame width in pixels."""
     cities: int = 3
+    """Cities per split (real Cityscapes city names)."""
     seed: int = 0
+    """Generator seed: the same settings give byte-identical files."""
 
     @model_validator(mode="after")
     def _two_to_one(self) -> SyntheticConfig:
@@ -52,6 +58,8 @@ class SyntheticConfig(_Strict):
 
 class DataConfig(_Strict):
     source: Literal["synthetic", "download", "local", "s3"] = "download"
+    """Where the dataset comes from: synthetic (generated), download (cityscapes-dataset.com, needs
+    CITYSCAPES_USERNAME/PASSWORD), local (data.uri in place) or s3 (data.uri mirror)."""
     uri: str | None = None
     """For source=local: the extracted dataset's path; for source=s3: ``s3://bucket/prefix`` mirror."""
     root: str = "data/cityscapes"
@@ -83,9 +91,13 @@ class AugmentConfig(_Strict):
     crop: tuple[int, int] | None = (512, 1024)
     """(height, width) random crop after scaling; padded with ignore where the image is smaller."""
     hflip: bool = True
+    """Random horizontal flip (p=0.5)."""
     photometric: bool = True
+    """Random brightness/contrast/colour jitter."""
     mean: tuple[float, float, float] = IMAGENET_MEAN
+    """Normalisation mean (ImageNet), also written into the ONNX metadata."""
     std: tuple[float, float, float] = IMAGENET_STD
+    """Normalisation std (ImageNet)."""
 
     @field_validator("resize", "crop")
     @classmethod
@@ -104,10 +116,13 @@ class AugmentConfig(_Strict):
 
 class ModelConfig(_Strict):
     backbone: Literal["resnet50", "resnet101", "mobilenet_v3_large"] = "resnet50"
+    """torchvision DeepLabv3 backbone."""
     weights: str = "DEFAULT"
     """DEFAULT (torchvision COCO-with-VOC-labels), none, or a checkpoint path / s3:// / models:/ URI."""
     num_classes: int = 19
+    """Output classes (19 Cityscapes trainIds; 255 is ignored)."""
     aux_loss: bool = True
+    """Build the auxiliary FCN head (its loss weight is train.aux_weight)."""
 
     @field_validator("num_classes")
     @classmethod
@@ -119,15 +134,23 @@ class ModelConfig(_Strict):
 
 class OptimizerConfig(_Strict):
     name: Literal["sgd", "adam", "adamw"] = "sgd"
+    """Optimizer: sgd (strong), adam (the paper) or adamw."""
     lr: float = 0.01
+    """Base learning rate (backbone); heads get lr x head_lr_mult."""
     momentum: float = 0.9
+    """SGD momentum."""
     weight_decay: float = 1e-4
+    """Weight decay (decoupled for adamw)."""
     head_lr_mult: float = 10.0
     """LR multiplier for the classifier heads (torchvision reference: 10x on the aux head)."""
     schedule: Literal["constant", "poly"] = "poly"
+    """constant, or poly: lr x (1 - iter/total)^poly_power, stepped per iteration."""
     poly_power: float = 0.9
+    """Exponent of the polynomial decay."""
     warmup_iters: int = 0
+    """Linear warmup iterations before the schedule."""
     warmup_factor: float = 0.1
+    """LR factor at the first warmup iteration."""
     fused: bool = True
     """Use the fused CUDA optimizer kernel when training on GPU."""
 
@@ -141,6 +164,7 @@ class OptimizerConfig(_Strict):
 
 class TrainConfig(_Strict):
     epochs: int = 20
+    """Passes over the training split."""
     global_batch_size: int = 16
     """Images per optimizer step across all ranks; per-rank batch and accumulation derive from it."""
     micro_batch_size: int | None = None
@@ -155,12 +179,17 @@ class TrainConfig(_Strict):
     channels_last: bool = True
     """Only takes effect on CUDA."""
     compile: bool = False
+    """torch.compile the model (CUDA; pays off on long runs)."""
     seed: int = 0
+    """Seed for weights, sampling and augmentation."""
     deterministic: bool = True
+    """Deterministic algorithms (bit-exact resume on CPU; off lets cuDNN autotune)."""
     output_dir: str = "runs/train"
     """Checkpoints go here (local directory or s3:// prefix); a rerun with the same one resumes."""
     log_every: int = 10
+    """Log a training line every N optimizer steps."""
     val_every: int = 1
+    """Validate (and keep best.pt) every N epochs."""
 
     @field_validator("epochs", "global_batch_size", "log_every", "val_every")
     @classmethod
@@ -188,34 +217,49 @@ class EvaluateConfig(_Strict):
     """None = the official protocol (logits upsampled to the label's full resolution). A size here
     makes a *resized* evaluation, labelled as such in every metric name."""
     batch_size: int = 1
+    """Validation images per forward pass."""
     num_overlays: int = 4
+    """Colour-coded prediction overlays written per evaluation."""
     baseline: Literal["paper-baseline", "zero-shot"] = "paper-baseline"
+    """Baseline evaluated before fine-tuning: paper-baseline (fresh 19-class heads) or zero-shot (the VOC
+    head mapped onto Cityscapes)."""
 
 
 class TrackingConfig(_Strict):
     tracking_uri: str | None = None
     """None = $MLFLOW_TRACKING_URI, else a SQLite store in run_dir (browse with `mlflow ui`)."""
     experiment: str = "cityscapes-deeplabv3"
+    """MLflow experiment for training, evaluation and registration runs."""
     system_metrics: bool = True
+    """Log CPU/GPU utilisation to MLflow (psutil, pynvml)."""
 
 
 class ExportConfig(_Strict):
     opset: int = 18
+    """ONNX opset, recorded in the model's metadata."""
     max_abs_diff: float = 1e-3
+    """Parity gate: largest |ONNX - PyTorch| logit difference allowed (fp32)."""
     min_argmax_agreement: float = 0.999
+    """Parity gate: smallest fraction of pixels whose argmax must agree."""
     parity_sizes: list[tuple[int, int]] = [(256, 512), (192, 384)]
     """Two (height, width) sizes the parity gate checks on real validation images."""
     parity_images: int = 2
+    """Validation images the parity gate runs at each size."""
     fp16: bool = False
+    """Also write an fp16 ONNX variant for GPU inference."""
     fp16_max_abs_diff: float = 5e-2
+    """Parity bar for the fp16 variant (looser)."""
     fp16_min_argmax_agreement: float = 0.99
+    """Argmax agreement bar for the fp16 variant."""
 
 
 class RegistryConfig(_Strict):
     model_name: str = "cityscapes-deeplabv3"
+    """Registered model name in MLflow."""
     promotion_margin: float = 0.0
     """A challenger becomes champion only if its val mIoU beats the champion's by more than this."""
     create_bucket: bool = True
+    """Create the S3 artifact bucket if missing (direct S3 mode)."""
 
 
 StageName = Literal["prepare", "evaluate", "train", "export", "register"]
@@ -248,7 +292,9 @@ class OrchestrationConfig(_Strict):
 
 class Config(_Strict):
     recipe: str = "strong"
+    """Name of the recipe this config came from (paper, strong, demo or a YAML stem)."""
     run_dir: str = "runs"
+    """Local folder for run state: the default MLflow store, evaluation reports, exports."""
     data: DataConfig = DataConfig()
     augment: AugmentConfig = AugmentConfig()
     model: ModelConfig = ModelConfig()
@@ -360,3 +406,25 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[dotted] = value
     return flat
+
+
+def reference_markdown() -> str:
+    """The configuration reference (README): every field with its default and meaning."""
+    header = ["| key | default | meaning |", "|---|---|---|"]
+    return "\n".join(header + _reference_rows("", Config, Config().model_dump(mode="json"))) + "\n"
+
+
+def _reference_rows(prefix: str, section: type[BaseModel], defaults: dict[str, Any]) -> list[str]:
+    rows = []
+    for name, field in section.model_fields.items():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            rows.extend(_reference_rows(f"{prefix}{name}.", field.annotation, defaults[name]))
+            continue
+        meaning = " ".join((field.description or "").replace("|", "\\|").split())
+        shown = yaml.safe_dump(defaults[name], default_flow_style=True, width=10**6).removesuffix("...\n")
+        rows.append(f"| `{prefix}{name}` | `{shown.strip()}` | {meaning} |")
+    return rows
+
+
+if __name__ == "__main__":
+    print(reference_markdown(), end="")
