@@ -1,0 +1,222 @@
+"""The ``finetune`` flow: prepare data -> baseline eval -> fine-tune -> eval -> ONNX export -> register.
+
+Run it locally (temporary Prefect server, SQLite MLflow in the recipe's run_dir, synthetic data, CPU)::
+
+    python -m flows.finetune --recipe demo [section.key=value ...]
+
+Deployed (deploy/prefect.yaml) users run ``prefect deployment run finetune/cityscapes``. Stages listed in
+``orchestration.stage_deployments`` run through ``run_deployment`` in their own containers/pools; the
+others run in-process as subflows. Stages exchange URIs, never large objects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+from typing import Any
+
+from mlflow import MlflowClient
+from prefect import Flow, flow, task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.deployments import run_deployment
+from prefect.runtime import flow_run
+
+from components.config import Config, StageName, load_config
+from components.errors import ConfigError
+from components.storage import join
+from flows.stages import evaluate_stage, export_stage, prepare_data, register_stage, train_stage
+
+logger = logging.getLogger(__name__)
+
+
+class StageFailed(RuntimeError):
+    """A stage deployment's flow run did not complete."""
+
+
+def flow_run_name() -> str:
+    """``<recipe>-<backbone>``, e.g. ``strong-resnet50`` (the recipe name alone if the config is invalid)."""
+    parameters = flow_run.parameters
+    recipe = parameters.get("recipe", "strong")
+    try:
+        cfg = load_config(recipe, parameters.get("overrides") or [])
+    except ConfigError:  # the flow body reports it; naming the run must not fail first
+        return str(recipe)
+    return f"{cfg.recipe}-{cfg.model.backbone}"
+
+
+def run_stage(cfg: Config, stage: StageName, stage_flow: Flow[..., Any], **parameters: Any) -> Any:
+    """Run a stage through its deployment when one is configured, else in-process as a subflow."""
+    run_name = f"{flow_run.name}-{stage}"
+    deployment = cfg.orchestration.stage_deployments.get(stage)
+    if deployment is None:
+        return stage_flow.with_options(flow_run_name=run_name)(**parameters)
+    logger.info("running stage %s on deployment %s", stage, deployment)
+    stage_run = run_deployment(
+        deployment, parameters=parameters, timeout=cfg.orchestration.stage_timeout_s, flow_run_name=run_name
+    )
+    if stage_run.state is None or not stage_run.state.is_completed():
+        state = stage_run.state.name if stage_run.state else "unknown"
+        raise StageFailed(
+            f"stage {stage} (deployment {deployment}, flow run {stage_run.id}) ended {state}; "
+            "see that flow run's logs"
+        )
+    return stage_run.state.result()
+
+
+def iou_table(baseline: dict[str, Any], finetuned: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per-class IoU rows (percent, 2 decimals; None where a class is absent) ending with the mIoU row."""
+
+    def percent(value: float | None) -> float | None:
+        return None if value is None or math.isnan(value) else round(100 * value, 2)
+
+    rows = []
+    for name, fine_iou in finetuned["per_class_iou"].items():
+        base, fine = percent(baseline["per_class_iou"].get(name)), percent(fine_iou)
+        delta = None if base is None or fine is None else round(fine - base, 2)
+        rows.append({"class": name, "baseline": base, "finetuned": fine, "delta": delta})
+    base, fine = percent(baseline["miou"]), percent(finetuned["miou"])
+    rows.append({"class": "mIoU", "baseline": base, "finetuned": fine, "delta": round(fine - base, 2)})
+    return rows
+
+
+def mlflow_ui_url(cfg: Config) -> str:
+    if cfg.orchestration.mlflow_ui_url:
+        return cfg.orchestration.mlflow_ui_url.rstrip("/")
+    uri = cfg.resolved_tracking_uri()
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+
+
+@task(name="publish-artifacts")
+def publish_artifacts(
+    cfg: Config,
+    baseline: dict[str, Any],
+    finetuned: dict[str, Any],
+    trained: dict[str, Any],
+    registered: dict[str, Any],
+) -> None:
+    """The flow run's Prefect artifacts: IoU table, links to the MLflow run and the model version."""
+    create_table_artifact(
+        iou_table(baseline, finetuned),
+        key="iou-baseline-vs-finetuned",
+        description=f"Val IoU (%) of the {cfg.evaluate.baseline} baseline and the fine-tuned "
+        f"{cfg.model.backbone} ({cfg.recipe} recipe)",
+    )
+    ui = mlflow_ui_url(cfg)
+    run_id = trained["mlflow_run_id"]
+    experiment_id = MlflowClient(cfg.resolved_tracking_uri()).get_run(run_id).info.experiment_id
+    create_link_artifact(
+        f"{ui}/#/experiments/{experiment_id}/runs/{run_id}",
+        link_text=f"MLflow training run {run_id}",
+        key="mlflow-training-run",
+    )
+    name, version = registered["name"], registered["version"]
+    create_link_artifact(
+        f"{ui}/#/models/{name}/versions/{version}",
+        link_text=f"{name} version {version}",
+        key="registered-model-version",
+    )
+    create_markdown_artifact(
+        f"**{name} v{version}**: val mIoU {100 * finetuned['miou']:.2f}% "
+        f"(baseline {100 * baseline['miou']:.2f}%), aliases: {', '.join(registered['aliases']) or 'none'}, "
+        f"promoted: {registered['promoted']}",
+        key="finetune-summary",
+    )
+
+
+@flow(name="finetune", flow_run_name=flow_run_name)
+def finetune(recipe: str = "strong", overrides: list[str] | None = None) -> dict[str, Any]:
+    """The whole pipeline for one config (a recipe name or YAML path plus ``section.key=value`` overrides)."""
+    overrides = list(overrides or [])
+    cfg = load_config(recipe, overrides)  # invalid configs fail here, before any work
+    config = {"recipe": recipe, "overrides": overrides}
+    work_dir = join(cfg.run_dir, "flow-runs", str(flow_run.id))
+
+    prepared = run_stage(cfg, "prepare", prepare_data, **config)
+    data_root = prepared["root"]
+    config["overrides"] = [*overrides, f"data.root={data_root}"]
+
+    baseline = run_stage(
+        cfg,
+        "evaluate",
+        evaluate_stage,
+        **config,
+        data_root=data_root,
+        out_dir=join(work_dir, "baseline"),
+        baseline=cfg.evaluate.baseline,
+    )
+    trained = run_stage(cfg, "train", train_stage, **config)
+    best = trained["best_checkpoint"]
+    finetuned = run_stage(
+        cfg,
+        "evaluate",
+        evaluate_stage,
+        **config,
+        data_root=data_root,
+        out_dir=join(work_dir, "finetuned"),
+        model_uri=best,
+    )
+    onnx_path = join(work_dir, "model.onnx")
+    run_stage(
+        cfg, "export", export_stage, **config, checkpoint_uri=best, out_path=onnx_path, data_root=data_root
+    )
+    registered = run_stage(
+        cfg,
+        "register",
+        register_stage,
+        **config,
+        train_run_id=trained["mlflow_run_id"],
+        checkpoint_uri=best,
+        onnx_path=onnx_path,
+        val_miou=finetuned["miou"],
+        baseline_miou=baseline["miou"],
+        dataset_fingerprint=prepared["fingerprint"],
+    )
+    publish_artifacts.with_options(
+        retries=cfg.orchestration.retries, retry_delay_seconds=cfg.orchestration.retry_delay_seconds
+    )(cfg, baseline, finetuned, trained, registered)
+    return {
+        "tracking_uri": cfg.resolved_tracking_uri(),
+        "model_name": registered["name"],
+        "version": registered["version"],
+        "aliases": registered["aliases"],
+        "promoted": registered["promoted"],
+        "baseline_miou": baseline["miou"],
+        "finetuned_miou": finetuned["miou"],
+        "onnx_path": onnx_path,
+        "data_root": data_root,
+        "run_dir": cfg.run_dir,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m flows.finetune",
+        description="Run the whole finetune flow locally "
+        "(on a temporary Prefect server unless PREFECT_API_URL is set).",
+    )
+    parser.add_argument("--recipe", default="demo", help="recipe name (demo, paper, strong) or YAML path")
+    parser.add_argument("overrides", nargs="*", help="config overrides such as train.epochs=2")
+    args = parser.parse_args(argv)
+    load_config(args.recipe, args.overrides)  # a clear ConfigError before Prefect starts
+    # Show the components' progress (e.g. the streamed torchrun output) without other libraries' INFO noise.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in ("components", "flows"):
+        logging.getLogger(name).setLevel(logging.INFO)
+    summary = finetune(recipe=args.recipe, overrides=args.overrides)
+    aliases = ", ".join(summary["aliases"]) or "none"
+    tracking_uri = summary["tracking_uri"]
+    print(
+        f"\nRegistered {summary['model_name']} version {summary['version']} (aliases: {aliases}); "
+        f"val mIoU {100 * summary['finetuned_miou']:.2f}% vs baseline {100 * summary['baseline_miou']:.2f}%."
+    )
+    print(f"Browse runs and models:  mlflow ui --backend-store-uri {tracking_uri}")
+    print(
+        f"Predict with the champion:  MLFLOW_TRACKING_URI={tracking_uri} python -m components.predict "
+        f"--model models:/{summary['model_name']}@champion --input {summary['data_root']}/leftImg8bit/val "
+        f"--output {summary['run_dir']}/predictions"
+    )
+
+
+if __name__ == "__main__":
+    main()

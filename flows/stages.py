@@ -1,0 +1,196 @@
+"""The pipeline's stages, each a Prefect flow of its own so it can run in its own container.
+
+Every stage takes the typed config as ``recipe`` + ``overrides`` (validated before any work) plus
+the URIs it works on, and returns a small JSON-able dict (URIs and numbers, never large objects).
+Results are persisted so that a parent calling a stage through ``run_deployment`` can read them;
+across containers that needs result storage both sides see (``PREFECT_LOCAL_STORAGE_PATH`` on a shared
+volume, see infra/).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task
+from prefect.states import Completed, State
+
+from components.config import Config, DataConfig, load_config
+from components.data.prepare import dataset_fingerprint, prepare_dataset
+from components.evaluate import evaluate
+from components.export import export_onnx
+from components.registry import register_model
+from components.storage import atomic_path
+from components.train import launch_training
+from flows.secrets import cityscapes_credentials, export_aws_credentials
+
+logger = logging.getLogger(__name__)
+
+PREPARED_MARKER = ".cityseg-prepared.json"
+"""Written into the dataset root after a successful preparation: the data config and the fingerprint."""
+
+
+def stage_config(recipe: str, overrides: list[str] | None) -> Config:
+    """Validate the config and make the AWS Secret blocks (if any) visible to boto3 and MLflow."""
+    cfg = load_config(recipe, overrides or [])
+    export_aws_credentials()
+    return cfg
+
+
+def _with_retries(cfg: Config, stage_task: Any) -> Any:
+    return stage_task.with_options(
+        retries=cfg.orchestration.retries, retry_delay_seconds=cfg.orchestration.retry_delay_seconds
+    )
+
+
+def _as_dict(result: Any) -> dict[str, Any]:
+    return dataclasses.asdict(result)
+
+
+# --- data preparation (CPU pool) ------------------------------------------------------------------
+
+
+def _preparation_inputs(data: DataConfig) -> dict[str, Any]:
+    """The part of the data config that decides what the prepared dataset contains."""
+    inputs = data.model_dump(mode="json", include={"source", "uri", "root"})
+    if data.source == "synthetic":
+        inputs["synthetic"] = data.synthetic.model_dump(mode="json")
+    return inputs
+
+
+def prepared_root(data: DataConfig) -> Path:
+    """Where prepare_dataset puts the prepared dataset (a local source is prepared in place)."""
+    return Path(data.uri if data.source == "local" else data.root).resolve()
+
+
+def unchanged_preparation(data: DataConfig) -> dict[str, str] | None:
+    """The previous preparation's result if the config and the files on disk are still the same."""
+    root = prepared_root(data)
+    marker = root / PREPARED_MARKER
+    if not marker.is_file():
+        return None
+    try:
+        previous = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return None
+    if previous.get("inputs") != _preparation_inputs(data):
+        return None
+    if dataset_fingerprint(root) != previous.get("fingerprint"):
+        return None
+    return {"root": str(root), "fingerprint": previous["fingerprint"]}
+
+
+@task(name="prepare-dataset")
+def prepare_dataset_task(data: DataConfig) -> dict[str, str] | State:
+    """Fetch and prepare the dataset; a ``Skipped`` state when the prepared files are unchanged."""
+    unchanged = unchanged_preparation(data)
+    if unchanged is not None:
+        return Completed(
+            name="Skipped",
+            message=f"dataset in {unchanged['root']} unchanged (fingerprint {unchanged['fingerprint'][:12]})",
+            data=unchanged,
+        )
+    prepared = prepare_dataset(data, credentials=cityscapes_credentials())
+    result = {"root": str(prepared.root), "fingerprint": prepared.fingerprint}
+    marker = json.dumps({"inputs": _preparation_inputs(data), "fingerprint": prepared.fingerprint}, indent=2)
+    with atomic_path(Path(prepared.root) / PREPARED_MARKER) as tmp:
+        tmp.write_text(marker)
+    return result
+
+
+@flow(name="prepare-data", persist_result=True)
+def prepare_data(recipe: str, overrides: list[str] | None = None) -> dict[str, str]:
+    """Download (or mirror from S3, or generate) the dataset and write trainId labels."""
+    cfg = stage_config(recipe, overrides)
+    # Through the state: calling a task that returned a (Skipped) state would hand back the state itself.
+    return _with_retries(cfg, prepare_dataset_task)(cfg.data, return_state=True).result()
+
+
+# --- evaluation (GPU pool) ------------------------------------------------------------------------
+
+
+@task(name="evaluate")
+def evaluate_task(
+    cfg: Config, model_uri: str | None, data_root: str, out_dir: str, baseline: str | None, run_name: str
+) -> dict[str, Any]:
+    return evaluate(cfg, model_uri, data_root, out_dir, baseline=baseline, run_name=run_name)
+
+
+@flow(name="evaluate", persist_result=True)
+def evaluate_stage(
+    recipe: str,
+    overrides: list[str] | None,
+    data_root: str,
+    out_dir: str,
+    model_uri: str | None = None,
+    baseline: str | None = None,
+) -> dict[str, Any]:
+    """Score a model URI (or a named baseline) on the val split; returns metrics.json's content."""
+    cfg = stage_config(recipe, overrides)
+    run_name = f"baseline-{baseline}" if baseline else "finetuned"
+    return _with_retries(cfg, evaluate_task)(cfg, model_uri, data_root, out_dir, baseline, run_name)
+
+
+# --- training (GPU pool) --------------------------------------------------------------------------
+
+
+@flow(name="train", persist_result=True)
+def train_stage(recipe: str, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Fine-tune with torchrun, one process per visible GPU (Prefect stays outside the workers).
+
+    No automatic retries: a rerun with the same ``train.output_dir`` resumes from the last checkpoint.
+    """
+    cfg = stage_config(recipe, overrides)
+    return _as_dict(launch_training(cfg))
+
+
+# --- export (GPU pool) ----------------------------------------------------------------------------
+
+
+@task(name="export-onnx")
+def export_task(cfg: Config, checkpoint_uri: str, out_path: str, data_root: str) -> dict[str, Any]:
+    return _as_dict(export_onnx(checkpoint_uri, out_path, data_root, cfg))
+
+
+@flow(name="export-onnx", persist_result=True)
+def export_stage(
+    recipe: str, overrides: list[str] | None, checkpoint_uri: str, out_path: str, data_root: str
+) -> dict[str, Any]:
+    """Export the checkpoint to ONNX; the parity gate rejects (ExportError) a model that drifts."""
+    cfg = stage_config(recipe, overrides)
+    return _with_retries(cfg, export_task)(cfg, checkpoint_uri, out_path, data_root)
+
+
+# --- registration (CPU or GPU pool) ---------------------------------------------------------------
+
+
+@task(name="register-model")
+def register_task(cfg: Config, **kwargs: Any) -> dict[str, Any]:
+    return _as_dict(register_model(cfg, **kwargs))
+
+
+@flow(name="register-model", persist_result=True)
+def register_stage(
+    recipe: str,
+    overrides: list[str] | None,
+    train_run_id: str,
+    checkpoint_uri: str,
+    onnx_path: str,
+    val_miou: float,
+    baseline_miou: float,
+    dataset_fingerprint: str,
+) -> dict[str, Any]:
+    """Register the model version in MLflow and promote it to ``champion`` if it beats the current one."""
+    cfg = stage_config(recipe, overrides)
+    return _with_retries(cfg, register_task)(
+        cfg,
+        train_run_id=train_run_id,
+        checkpoint_uri=checkpoint_uri,
+        onnx_path=onnx_path,
+        val_miou=val_miou,
+        baseline_miou=baseline_miou,
+        dataset_fingerprint=dataset_fingerprint,
+    )

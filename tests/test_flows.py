@@ -1,0 +1,131 @@
+"""Flow logic against a real (temporary) Prefect server: config validation, skipped data preparation,
+secrets, the artifacts' IoU table."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from uuid import UUID
+
+import pytest
+from prefect.blocks.system import Secret
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.testing.utilities import prefect_test_harness
+
+from components.config import load_config
+from components.data.prepare import dataset_fingerprint
+from components.errors import ConfigError
+from flows.finetune import finetune, iou_table, mlflow_ui_url
+from flows.secrets import cityscapes_credentials, export_aws_credentials
+from flows.stages import prepare_data
+
+
+@pytest.fixture(scope="session")
+def prefect_server() -> Iterator[None]:
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def _tiny_data(root: Path) -> list[str]:
+    return [
+        f"data.root={root}",
+        "data.synthetic={train: 2, val: 2, height: 64, width: 128, cities: 1, seed: 0}",
+        "data.trainid_workers=1",
+    ]
+
+
+def _task_states(flow_run_id: UUID) -> dict[str, str]:
+    with get_client(sync_client=True) as client:
+        task_runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+    # Task run names are "<task name>-<short id>".
+    return {run.name.rsplit("-", 1)[0]: run.state.name for run in task_runs}
+
+
+def test_invalid_config_fails_before_any_work(prefect_server: None, tmp_path: Path) -> None:
+    state = finetune(
+        recipe="demo", overrides=[f"run_dir={tmp_path / 'run'}", "train.epochs=0"], return_state=True
+    )
+    assert state.is_failed()
+    with pytest.raises(ConfigError, match=r"train\.epochs"):
+        state.result()
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_prepare_stage_skips_unchanged_data_and_redoes_changed(prefect_server: None, tmp_path: Path) -> None:
+    root = tmp_path / "cityscapes"
+    overrides = _tiny_data(root)
+
+    first = prepare_data(recipe="demo", overrides=overrides, return_state=True)
+    prepared = first.result()
+    assert prepared == {"root": str(root.resolve()), "fingerprint": dataset_fingerprint(root)}
+    assert _task_states(first.state_details.flow_run_id) == {"prepare-dataset": "Completed"}
+
+    second = prepare_data(recipe="demo", overrides=overrides, return_state=True)
+    assert second.result() == prepared
+    assert _task_states(second.state_details.flow_run_id) == {"prepare-dataset": "Skipped"}
+
+    # A lost label file changes the fingerprint: the stage prepares again and restores it.
+    label = next(root.glob("gtFine/val/*/*_labelTrainIds.png"))
+    label.unlink()
+    third = prepare_data(recipe="demo", overrides=overrides, return_state=True)
+    assert third.result() == prepared
+    assert label.is_file()
+    assert _task_states(third.state_details.flow_run_id) == {"prepare-dataset": "Completed"}
+
+    # So does a different data config (another synthetic seed).
+    fourth = prepare_data(recipe="demo", overrides=[*overrides, "data.synthetic.seed=1"], return_state=True)
+    assert fourth.result()["fingerprint"] == dataset_fingerprint(root)
+    assert _task_states(fourth.state_details.flow_run_id) == {"prepare-dataset": "Completed"}
+
+
+def test_secrets_come_from_blocks_then_environment(
+    prefect_server: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CITYSCAPES_USERNAME", "env-user")
+    monkeypatch.setenv("CITYSCAPES_PASSWORD", "env-password")
+    assert cityscapes_credentials() == ("env-user", "env-password")
+    Secret(value="block-password").save("cityscapes-password", overwrite=True)
+    Secret(value="block-key-id").save("aws-access-key-id", overwrite=True)
+    try:
+        assert cityscapes_credentials() == ("env-user", "block-password")
+        monkeypatch.delenv("AWS_ACCESS_KEY_ID", raising=False)
+        export_aws_credentials()
+        assert os.environ["AWS_ACCESS_KEY_ID"] == "block-key-id"
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "env-key-id")  # the environment wins when set
+        export_aws_credentials()
+        assert os.environ["AWS_ACCESS_KEY_ID"] == "env-key-id"
+    finally:
+        Secret.delete("cityscapes-password")
+        Secret.delete("aws-access-key-id")
+    monkeypatch.delenv("CITYSCAPES_PASSWORD")
+    assert cityscapes_credentials() is None
+
+
+def test_iou_table_rows_in_percent() -> None:
+    baseline = {"miou": 0.1, "per_class_iou": {"road": 0.5, "sidewalk": 0.0, "train": float("nan")}}
+    finetuned = {"miou": 0.4567, "per_class_iou": {"road": 0.91234, "sidewalk": 0.25, "train": float("nan")}}
+    rows = iou_table(baseline, finetuned)
+    assert rows == [
+        {"class": "road", "baseline": 50.0, "finetuned": 91.23, "delta": 41.23},
+        {"class": "sidewalk", "baseline": 0.0, "finetuned": 25.0, "delta": 25.0},
+        {"class": "train", "baseline": None, "finetuned": None, "delta": None},
+        {"class": "mIoU", "baseline": 10.0, "finetuned": 45.67, "delta": 35.67},
+    ]
+    assert not any(isinstance(v, float) and math.isnan(v) for row in rows for v in row.values())
+
+
+def test_mlflow_ui_url(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert mlflow_ui_url(load_config("demo", [f"run_dir={tmp_path}"])) == "http://127.0.0.1:5000"
+    assert (
+        mlflow_ui_url(load_config("demo", ["tracking.tracking_uri=http://mlflow:5000/"]))
+        == "http://mlflow:5000"
+    )
+    cfg = load_config("demo", ["orchestration.mlflow_ui_url=https://mlflow.example.org/"])
+    assert mlflow_ui_url(cfg) == "https://mlflow.example.org"
