@@ -24,11 +24,24 @@ from components.config import Config
 def configure(cfg: Config) -> str:
     """Point MLflow at the configured store and experiment; returns the tracking URI."""
     uri = cfg.resolved_tracking_uri()
-    if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
+    if uri.startswith("sqlite:///"):
+        _create_local_experiment(cfg.tracking.experiment, Path(uri[len("sqlite:///") :]))
     mlflow.set_experiment(cfg.tracking.experiment)
     return uri
+
+
+def _create_local_experiment(name: str, database: Path) -> None:
+    """Keep a local store's artifacts beside its database (MLflow's default is ./mlruns in the cwd)."""
+    database.parent.mkdir(parents=True, exist_ok=True)
+    if mlflow.get_experiment_by_name(name) is not None:
+        return
+    artifacts = (database.parent / "mlartifacts").resolve().as_uri()
+    try:
+        mlflow.create_experiment(name, artifact_location=artifacts)
+    except mlflow.exceptions.MlflowException:
+        if mlflow.get_experiment_by_name(name) is None:  # not a lost race with another process
+            raise
 
 
 @contextmanager
