@@ -230,6 +230,10 @@ class TrackingConfig(_Strict):
     """None = $MLFLOW_TRACKING_URI, else a SQLite store in run_dir (browse with `mlflow ui`)."""
     experiment: str = "cityscapes-deeplabv3"
     """MLflow experiment for training, evaluation and registration runs."""
+    artifact_location: str | None = None
+    """Where a newly created experiment keeps its artifacts: ``s3://bucket/prefix`` for direct S3 mode
+    (MLFLOW_S3_ENDPOINT_URL + AWS keys on the client). None = beside a local SQLite store, or the
+    tracking server's default (proxied mode)."""
     system_metrics: bool = True
     """Log CPU/GPU utilisation to MLflow (psutil, pynvml)."""
 

@@ -24,21 +24,34 @@ from components.config import Config
 def configure(cfg: Config) -> str:
     """Point MLflow at the configured store and experiment; returns the tracking URI."""
     uri = cfg.resolved_tracking_uri()
+    user_setting = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
-    if uri.startswith("sqlite:///"):
-        _create_local_experiment(cfg.tracking.experiment, Path(uri[len("sqlite:///") :]))
+    # set_tracking_uri also exports MLFLOW_TRACKING_URI; put the user's value back so that the next
+    # Config in this process (or a child) resolves its own store, not this one.
+    if user_setting is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = user_setting
+    if mlflow.get_experiment_by_name(cfg.tracking.experiment) is None:
+        _create_experiment(cfg.tracking.experiment, _artifact_location(cfg, uri))
     mlflow.set_experiment(cfg.tracking.experiment)
     return uri
 
 
-def _create_local_experiment(name: str, database: Path) -> None:
-    """Keep a local store's artifacts beside its database (MLflow's default is ./mlruns in the cwd)."""
-    database.parent.mkdir(parents=True, exist_ok=True)
-    if mlflow.get_experiment_by_name(name) is not None:
-        return
-    artifacts = (database.parent / "mlartifacts").resolve().as_uri()
+def _artifact_location(cfg: Config, tracking_uri: str) -> str | None:
+    if cfg.tracking.artifact_location:
+        return cfg.tracking.artifact_location
+    if tracking_uri.startswith("sqlite:///"):
+        # MLflow's default would be ./mlruns in whatever directory the process started in.
+        database = Path(tracking_uri[len("sqlite:///") :])
+        database.parent.mkdir(parents=True, exist_ok=True)
+        return (database.parent / "mlartifacts").resolve().as_uri()
+    return None
+
+
+def _create_experiment(name: str, artifact_location: str | None) -> None:
     try:
-        mlflow.create_experiment(name, artifact_location=artifacts)
+        mlflow.create_experiment(name, artifact_location=artifact_location)
     except mlflow.exceptions.MlflowException:
         if mlflow.get_experiment_by_name(name) is None:  # not a lost race with another process
             raise
