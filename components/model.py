@@ -135,13 +135,16 @@ def _load_registered(uri: str, map_location: str | torch.device) -> tuple[nn.Mod
     import mlflow
     import yaml
     from mlflow.exceptions import MlflowException
-    from mlflow.store.artifact.utils.models import get_model_name_and_version
 
+    from components.predict import registered_version
+
+    client = mlflow.MlflowClient()
+    name, version = registered_version(client, uri)
     try:
-        client = mlflow.MlflowClient()
-        name, version = get_model_name_and_version(client, uri)
         run_id = client.get_model_version(name, version).run_id
-        logged = mlflow.pytorch.load_model(uri, map_location=map_location)
+        # By version, not alias: the weights and config.yaml must come from one version even if the
+        # alias moves meanwhile.
+        logged = mlflow.pytorch.load_model(f"models:/{name}/{version}", map_location=map_location)
         cfg = config_from_dict(yaml.safe_load(mlflow.artifacts.load_text(f"runs:/{run_id}/config.yaml")))
     except MlflowException as exc:
         raise ModelError(

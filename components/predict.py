@@ -11,7 +11,8 @@ server and ``CITYSCAPES_RESULTS`` take) and ``overlay/<rel>.png`` (the colour ma
 
 Inputs must be 8-bit RGB (RGBA loses its alpha); grayscale, palette and 16-bit images are refused,
 naming the file, before anything is written. Images whose longer side exceeds ``--max-side`` are
-tiled (overlapping windows, logits averaged) or, with ``--large resize``, downscaled.
+tiled (overlapping windows, logits averaged) or, with ``--large resize``, downscaled; images of more than
+``--max-pixels`` (default 40 MP) are refused.
 
 This module is also the ``python_function`` loader of registered models (``_load_pyfunc``).
 """
@@ -44,6 +45,9 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 DEFAULT_CACHE = Path.home() / ".cache" / "cityseg-ops"
 _ONNX_IN_MODEL = "onnx/model.onnx"  # components.registry.ONNX_SUBPATH (not imported: keeps serving light)
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+MAX_PIXELS = 40_000_000
+"""Largest input accepted (about 8K x 5K, 20 Cityscapes frames): tiling sums one float32 logit per class
+and pixel, so memory grows with the image; larger ones are refused before anything is decoded."""
 
 
 class Segmenter:
@@ -111,6 +115,7 @@ def predict(
     batch_size: int = 4,
     max_side: int = 2048,
     large: str = "tile",
+    max_pixels: int = MAX_PIXELS,
     cache_dir: str | None = None,
     providers: list[str] | None = None,
     progress: bool = True,
@@ -122,7 +127,7 @@ def predict(
     segmenter = Segmenter(onnx_path, providers)
     with tempfile.TemporaryDirectory(prefix="cityseg-predict-") as scratch:
         images = collect_inputs(inputs, Path(scratch))
-        validate_images([image.path for image in images])
+        validate_images([image.path for image in images], max_pixels)
         out = Path(output_dir)
         written = []
         with tqdm(total=len(images), desc="predict", unit="img", disable=not progress) as bar:
@@ -155,12 +160,11 @@ def resolve_onnx(model_uri: str, cache_dir: str | None = None) -> Path:
 def _registered_onnx(model_uri: str, cache_root: Path) -> Path:
     import mlflow
     from mlflow.exceptions import MlflowException
-    from mlflow.store.artifact.utils.models import get_model_name_and_version
 
     client = mlflow.MlflowClient()
+    name, version = registered_version(client, model_uri)
     try:
-        name, version = get_model_name_and_version(client, model_uri)
-        cached = cache_root / name / str(version) / "model.onnx"
+        cached = cache_root / name / version / "model.onnx"
         if cached.is_file():
             return cached
         source = client.get_model_version_download_uri(name, version).rstrip("/")
@@ -176,6 +180,45 @@ def _registered_onnx(model_uri: str, cache_root: Path) -> Path:
         ) from None
     log.info("%s is %s version %s (cached at %s)", model_uri, name, version, cached)
     return cached
+
+
+def registered_version(client: Any, model_uri: str) -> tuple[str, str]:
+    """(name, version) of a ``models:/name@alias`` or ``models:/name/version`` URI. An unknown alias or
+    model is a ModelError that lists what the registry does have."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.store.artifact.utils.models import get_model_name_and_version
+
+    try:
+        resolved = get_model_name_and_version(client, model_uri)
+    except MlflowException as exc:
+        raise ModelError(
+            f"cannot resolve {model_uri} in the MLflow registry at {mlflow.get_tracking_uri()}: "
+            f"{exc.message.rstrip('.')}. {_registry_hint(client, model_uri, exc.error_code)}"
+        ) from None
+    if len(resolved) != 2:  # models:/m-<id> names a logged model, not a registered version
+        raise ModelError(f"{model_uri} is not a registered version: use models:/name@alias or name/version")
+    name, version = resolved
+    return name, str(version)
+
+
+def _registry_hint(client: Any, model_uri: str, error_code: str) -> str:
+    """What the registry has for the URI's model name (its aliases, else the model names), asked only when
+    it answered "no such thing": an unreachable registry is not asked again."""
+    from mlflow.exceptions import MlflowException
+
+    unreachable = "Check MLFLOW_TRACKING_URI and that the server is up."
+    if error_code not in ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"):
+        return unreachable
+    name = model_uri[len("models:/") :].split("@", 1)[0].split("/", 1)[0]
+    try:
+        models = {model.name: model.aliases for model in client.search_registered_models()}
+    except MlflowException:
+        return unreachable
+    if name not in models:
+        return f"Registered models: {', '.join(sorted(models)) or 'none'}."
+    listed = ", ".join(f"@{alias} (version {version})" for alias, version in sorted(models[name].items()))
+    return f"Aliases of {name}: {listed or 'none'}; or use models:/{name}/<version>."
 
 
 def collect_inputs(inputs: str, scratch: Path) -> list[InputImage]:
@@ -212,19 +255,26 @@ def _download_prefix(uri: str, scratch: Path) -> list[InputImage]:
     return found
 
 
-def validate_images(paths: list[Path]) -> None:
-    """Refuse (naming every bad file) anything that is not an 8-bit RGB/RGBA image; reads headers only."""
+def validate_images(paths: list[Path], max_pixels: int = MAX_PIXELS) -> None:
+    """Refuse (naming every bad file) anything that is not an 8-bit RGB/RGBA image of at most
+    ``max_pixels`` pixels; reads headers only."""
     from PIL import Image, UnidentifiedImageError
 
     problems = []
+    too_large = f"split or downscale it (limit: {max_pixels} pixels, --max-pixels)"
     for path in paths:
         try:
             with Image.open(path) as image:
-                mode = image.mode
+                mode, (width, height) = image.mode, image.size
+        except Image.DecompressionBombError:  # a header claiming hundreds of megapixels
+            problems.append(f"{path}: too large for Pillow's decompression-bomb limit; {too_large}")
+            continue
         except (UnidentifiedImageError, OSError):
             problems.append(f"{path}: not an image (supported: {', '.join(IMAGE_SUFFIXES)})")
             continue
-        if mode not in ("RGB", "RGBA"):
+        if width * height > max_pixels:
+            problems.append(f"{path}: {width}x{height} pixels; {too_large}")
+        elif mode not in ("RGB", "RGBA"):
             problems.append(f"{path}: {mode} image; convert it to 8-bit RGB")
         elif _png_bit_depth(path) == 16:  # Pillow reports 16-bit RGB PNGs as mode RGB
             problems.append(f"{path}: 16-bit PNG; convert it to 8-bit RGB")
@@ -326,6 +376,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-side", type=int, default=2048, help="larger images are tiled or resized")
     parser.add_argument("--large", choices=("tile", "resize"), default="tile")
+    parser.add_argument(
+        "--max-pixels", type=int, default=MAX_PIXELS, help="larger images are refused (memory bound)"
+    )
     parser.add_argument("--cache-dir", help=f"model cache (default $CITYSEG_CACHE or {DEFAULT_CACHE})")
     parser.add_argument("--cpu", action="store_true", help="use the CPU even when CUDA is available")
     args = parser.parse_args(argv)
@@ -338,6 +391,7 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=args.batch_size,
             max_side=args.max_side,
             large=args.large,
+            max_pixels=args.max_pixels,
             cache_dir=args.cache_dir,
             providers=["CPUExecutionProvider"] if args.cpu else None,
         )

@@ -100,8 +100,12 @@ def register_model(
             "training_run_id": train_run_id,
             "git_commit": tracking.git_commit(),
         }
+        # Look again before every attempt: a lost response may hide a version the server did create.
         version = retry(
-            lambda: _log_and_register(cfg, train_run_id, checkpoint_uri, onnx_path, tags),
+            lambda: (
+                _find_version(client, name, train_run_id)
+                or _log_and_register(cfg, train_run_id, checkpoint_uri, onnx_path, tags)
+            ),
             "the MLflow server / artifact store",
         )
     elif "promotion" in version.tags:

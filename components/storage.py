@@ -7,6 +7,7 @@ S3 settings come from the standard AWS variables (``AWS_ACCESS_KEY_ID``, ``AWS_S
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -47,15 +48,20 @@ def s3_endpoint_url() -> str | None:
 
 
 def s3_client() -> Any:
-    """A boto3 S3 client for the configured endpoint (credentials from the usual AWS chain)."""
-    return _cached_client(s3_endpoint_url(), os.environ.get("AWS_ACCESS_KEY_ID"))
+    """A boto3 S3 client for the configured endpoint (credentials from the usual AWS chain); a new one
+    whenever the endpoint or the keys in the environment change (rotation in a long-lived worker)."""
+    secret = os.environ.get("AWS_SECRET_ACCESS_KEY", "")
+    # The cache key holds a digest of the secret, never the secret itself.
+    fingerprint = hashlib.sha256(secret.encode()).hexdigest()
+    return _cached_client(s3_endpoint_url(), os.environ.get("AWS_ACCESS_KEY_ID"), fingerprint)
 
 
 @cache
-def _cached_client(endpoint_url: str | None, _access_key_id: str | None) -> Any:
+def _cached_client(endpoint_url: str | None, _access_key_id: str | None, _secret_digest: str) -> Any:
     import boto3
 
-    return boto3.client("s3", endpoint_url=endpoint_url)
+    # A fresh session: boto3's default one keeps the credentials it resolved first.
+    return boto3.session.Session().client("s3", endpoint_url=endpoint_url)
 
 
 @contextmanager

@@ -1,7 +1,7 @@
 """``*_gtFine_labelTrainIds.png`` from the polygon annotations, with cityscapesscripts' own drawing code.
 
 Same files and bytes as cityscapesscripts' sequential ``csCreateTrainIdLabelImgs``, but in parallel
-processes, skipping outputs that are already newer than their annotation, and never leaving a
+processes, skipping outputs that are complete and newer than their annotation, and never leaving a
 half-written PNG behind (each output is written to a temporary name and renamed into place).
 """
 
@@ -24,6 +24,7 @@ POLYGON_SUFFIX = "_polygons.json"
 TRAINID_SUFFIX = "_labelTrainIds.png"
 # The same search as cityscapesscripts' createTrainIdLabelImgs.py: fine, then coarse annotations.
 ANNOTATION_GLOBS = ("gtFine/*/*/*_gt*_polygons.json", "gtCoarse/*/*/*_gt*_polygons.json")
+_PNG_END = b"IEND\xaeB`\x82"  # type and CRC of the last chunk of every complete PNG
 
 
 def trainid_path(polygons: Path) -> Path:
@@ -69,10 +70,16 @@ def _start_method() -> str:
 
 
 def _up_to_date(polygons: Path) -> bool:
+    """The output exists, is newer than its annotation and is a complete PNG."""
     output = trainid_path(polygons)
     try:
-        return output.stat().st_mtime >= polygons.stat().st_mtime
-    except FileNotFoundError:
+        if output.stat().st_mtime < polygons.stat().st_mtime:
+            return False
+        # A PNG cut off (a copy or an old writer interrupted) lacks its final IEND chunk.
+        with output.open("rb") as handle:
+            handle.seek(-len(_PNG_END), os.SEEK_END)
+            return handle.read() == _PNG_END
+    except OSError:  # missing, or shorter than the IEND chunk
         return False
 
 
