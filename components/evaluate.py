@@ -241,7 +241,7 @@ def score_predictions(pred_dir: str | Path, data_root: str | Path, split: str = 
     if not ground_truth:
         raise DataError(
             f"no *_gtFine_labelTrainIds.png under {Path(data_root, 'gtFine', split)}; "
-            "prepare the dataset first (python -m components.data.prepare)"
+            "prepare the dataset first (python -m components.data prepare)"
         )
     predictions: dict[str, Path] = {}
     for path in Path(pred_dir).rglob("*.png"):

@@ -82,7 +82,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
 def write_bytes(uri: str | os.PathLike[str], data: bytes) -> None:
     if is_s3(uri):
         bucket, key = split_s3(str(uri))
-        _s3_call(f"upload to {uri}", s3_client().put_object, Bucket=bucket, Key=key, Body=data)
+        s3_call(f"upload to {uri}", s3_client().put_object, Bucket=bucket, Key=key, Body=data)
         return
     with atomic_path(uri) as tmp:
         tmp.write_bytes(data)
@@ -91,7 +91,7 @@ def write_bytes(uri: str | os.PathLike[str], data: bytes) -> None:
 def read_bytes(uri: str | os.PathLike[str]) -> bytes:
     if is_s3(uri):
         bucket, key = split_s3(str(uri))
-        response = _s3_call(f"download of {uri}", s3_client().get_object, Bucket=bucket, Key=key)
+        response = s3_call(f"download of {uri}", s3_client().get_object, Bucket=bucket, Key=key)
         return response["Body"].read()
     path = Path(uri)
     if not path.is_file():
@@ -121,7 +121,7 @@ def list_names(prefix_uri: str | os.PathLike[str]) -> list[str]:
         key = key.rstrip("/") + "/" if key else ""
         paginator = s3_client().get_paginator("list_objects_v2")
         names = []
-        for page in _s3_call(
+        for page in s3_call(
             f"listing of {prefix_uri}",
             lambda: list(paginator.paginate(Bucket=bucket, Prefix=key, Delimiter="/")),
         ):
@@ -134,7 +134,7 @@ def list_names(prefix_uri: str | os.PathLike[str]) -> list[str]:
 def delete(uri: str | os.PathLike[str]) -> None:
     if is_s3(uri):
         bucket, key = split_s3(str(uri))
-        _s3_call(f"delete of {uri}", s3_client().delete_object, Bucket=bucket, Key=key)
+        s3_call(f"delete of {uri}", s3_client().delete_object, Bucket=bucket, Key=key)
     else:
         Path(uri).unlink(missing_ok=True)
 
@@ -145,7 +145,7 @@ def copy_to_local(uri: str | os.PathLike[str], local: str | os.PathLike[str]) ->
     if is_s3(uri):
         bucket, key = split_s3(str(uri))
         with atomic_path(target) as tmp:
-            _s3_call(f"download of {uri}", s3_client().download_file, bucket, key, str(tmp))
+            s3_call(f"download of {uri}", s3_client().download_file, bucket, key, str(tmp))
     elif Path(uri).resolve() != target.resolve():
         with atomic_path(target) as tmp:
             shutil.copyfile(uri, tmp)
@@ -156,13 +156,13 @@ def upload(local: str | os.PathLike[str], uri: str | os.PathLike[str]) -> str:
     """Put a local file at a local path or s3:// URI (atomically for local targets)."""
     if is_s3(uri):
         bucket, key = split_s3(str(uri))
-        _s3_call(f"upload to {uri}", s3_client().upload_file, str(local), bucket, key)
+        s3_call(f"upload to {uri}", s3_client().upload_file, str(local), bucket, key)
     else:
         copy_to_local(local, uri)
     return str(uri)
 
 
-def _s3_call(what: str, function: Any, *args: Any, **kwargs: Any) -> Any:
+def s3_call(what: str, function: Any, *args: Any, **kwargs: Any) -> Any:
     from botocore.exceptions import BotoCoreError, ClientError
 
     try:

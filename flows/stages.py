@@ -19,7 +19,7 @@ from prefect import flow, task
 from prefect.states import Completed, State
 
 from components.config import Config, DataConfig, load_config
-from components.data.prepare import dataset_fingerprint, prepare_dataset
+from components.data.prepare import dataset_fingerprint, prepare_dataset, prepared_root
 from components.evaluate import evaluate
 from components.export import export_onnx
 from components.registry import register_model
@@ -59,11 +59,6 @@ def _preparation_inputs(data: DataConfig) -> dict[str, Any]:
     if data.source == "synthetic":
         inputs["synthetic"] = data.synthetic.model_dump(mode="json")
     return inputs
-
-
-def prepared_root(data: DataConfig) -> Path:
-    """Where prepare_dataset puts the prepared dataset (a local source is prepared in place)."""
-    return Path(data.uri if data.source == "local" else data.root).resolve()
 
 
 def unchanged_preparation(data: DataConfig) -> dict[str, str] | None:

@@ -54,7 +54,7 @@ def mirror_from_s3(uri: str, root: str | Path, progress: bool = True) -> MirrorR
     def fetch(obj: dict[str, Any]) -> None:
         target = root / obj["relative"]
         with storage.atomic_path(target) as tmp:
-            storage._s3_call(
+            storage.s3_call(
                 f"download of s3://{bucket}/{obj['key']}", client.download_file, bucket, obj["key"], str(tmp)
             )
 
@@ -73,7 +73,7 @@ def mirror_from_s3(uri: str, root: str | Path, progress: bool = True) -> MirrorR
 
 def _list_objects(bucket: str, prefix: str, uri: str) -> list[dict[str, Any]]:
     paginator = storage.s3_client().get_paginator("list_objects_v2")
-    pages = storage._s3_call(
+    pages = storage.s3_call(
         f"listing of {uri}", lambda: list(paginator.paginate(Bucket=bucket, Prefix=prefix))
     )
     objects = []

@@ -44,7 +44,7 @@ class PreparedDataset:
 
 def prepare_dataset(data: DataConfig, credentials: tuple[str, str] | None = None) -> PreparedDataset:
     """Fetch or generate the dataset ``data`` describes, write trainIds, validate train and val."""
-    root = Path(data.uri if data.source == "local" else data.root).resolve()
+    root = prepared_root(data)
     if data.source == "local" and not root.is_dir():
         raise DataError(f"data.uri {root} does not exist: point it at the extracted Cityscapes folder")
     with _locked(root):
@@ -61,6 +61,11 @@ def prepare_dataset(data: DataConfig, credentials: tuple[str, str] | None = None
         fingerprint = dataset_fingerprint(root)
     logger.info("dataset ready at %s (fingerprint %s)", root, fingerprint)
     return PreparedDataset(root=str(root), fingerprint=fingerprint)
+
+
+def prepared_root(data: DataConfig) -> Path:
+    """Where the prepared dataset lives: a local source is prepared in place, the others in data.root."""
+    return Path(data.uri if data.source == "local" else data.root).resolve()
 
 
 def dataset_fingerprint(root: str | Path) -> str:
