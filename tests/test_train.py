@@ -14,7 +14,10 @@ import torch
 from components.config import Config, load_config
 from components.errors import ConfigError
 from components.optim import build_optimizer, build_scheduler, lr_factor, param_groups
-from components.train import BatchPlan, plan_batches, result_path, train
+from components.train import BatchPlan, check_crop_fits, plan_batches, result_path, train, train_loader
+
+# Measured (2 cores, under load): baseline 0.0003, best val mIoU 0.174 after 30 epochs x 4 steps, 73 s.
+EPOCHS, VAL_EVERY, BAR = 30, 10, 0.15
 
 
 def tiny_config(root: Path, tmp_path: Path, *overrides: str) -> Config:
@@ -25,6 +28,7 @@ def tiny_config(root: Path, tmp_path: Path, *overrides: str) -> Config:
             f"data.root={root}",
             "data.num_workers=0",
             "augment.crop=[64, 128]",
+            "augment.photometric=true",  # the demo has none; the resume tests want every kind of randomness
             "model.backbone=mobilenet_v3_large",
             "model.weights=none",
             "train.global_batch_size=4",
@@ -92,9 +96,21 @@ def test_paper_schedule_is_constant() -> None:
     assert {lr_factor(i, opt_cfg, 50) for i in (0, 7, 49)} == {1.0}
 
 
+@pytest.fixture(scope="module")
+def learnable_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Synthetic frames large enough (128x256) for the stride-16 model to resolve the big classes."""
+    from components.data.synth import generate_synthetic_cityscapes
+    from components.data.trainids import create_trainid_labels
+
+    root = tmp_path_factory.mktemp("learnable")
+    generate_synthetic_cityscapes(root, train=16, val=4, height=128, width=256, cities=2, seed=0)
+    create_trainid_labels(root, workers=1, progress=False)
+    return root
+
+
 @pytest.mark.slow
 def test_training_learns_and_is_tracked_in_mlflow(
-    synthetic_root: Path, tmp_path: Path, one_thread: None
+    learnable_root: Path, tmp_path: Path, one_thread: None
 ) -> None:
     from components.data.dataset import CityscapesSegmentation
     from components.data.prepare import dataset_fingerprint
@@ -102,20 +118,25 @@ def test_training_learns_and_is_tracked_in_mlflow(
     from components.evaluate import eval_loader, evaluate_model
     from components.model import build_model
 
-    epochs = 8
-    cfg = tiny_config(synthetic_root, tmp_path, f"train.epochs={epochs}", "train.val_every=1")
+    epochs, val_every = EPOCHS, VAL_EVERY
+    cfg = tiny_config(
+        learnable_root,
+        tmp_path,
+        f"train.epochs={epochs}",
+        f"train.val_every={val_every}",
+        "augment.photometric=false",
+    )
     # The untrained model, initialised exactly as train() initialises it.
     torch.manual_seed(cfg.train.seed)
     untrained = build_model(cfg.model)
-    val = CityscapesSegmentation(synthetic_root, "val", eval_transform(cfg.augment))
+    val = CityscapesSegmentation(learnable_root, "val", eval_transform(cfg.augment))
     baseline = evaluate_model(untrained, eval_loader(val), num_classes=19, device="cpu").compute()["miou"]
 
     result = train(cfg)
 
-    # From scratch at 64x128 the model learns the large classes (road, sidewalk, sky) within seconds;
-    # measured: baseline 0.0003, best val mIoU 0.11-0.16 after 2-12 epochs (0.12-0.16 after 30).
-    assert baseline < 0.02
-    assert result.best_miou > 0.10, f"val mIoU {result.best_miou:.3f} after {epochs} epochs"
+    print(f"baseline {baseline:.4f} best {result.best_miou:.4f}")
+    assert baseline < 0.05
+    assert result.best_miou > BAR, f"val mIoU {result.best_miou:.3f} after {epochs} epochs"
     assert result.epochs_completed == epochs
     assert result.best_checkpoint == str(tmp_path / "train" / "best.pt")
     assert result.last_checkpoint == str(tmp_path / "train" / f"epoch_{epochs:04d}.pt")
@@ -126,15 +147,18 @@ def test_training_learns_and_is_tracked_in_mlflow(
     assert run.info.status == "FINISHED"
     assert run.data.params["train.epochs"] == str(epochs)
     assert run.data.params["model.backbone"] == "mobilenet_v3_large"
-    assert run.data.tags["dataset_fingerprint"] == dataset_fingerprint(synthetic_root)
+    assert run.data.tags["dataset_fingerprint"] == dataset_fingerprint(learnable_root)
     assert run.data.tags["world_size"] == "1"
     assert run.data.tags["git_commit"]
     assert run.data.tags["torch_version"] == torch.__version__
-    for name in ("train_loss", "lr", "images_per_second", "val_miou", "val_iou_road"):
+    for name in ("train_loss", "lr", "images_per_second"):
         history = client.get_metric_history(run.info.run_id, name)
         assert [m.step for m in history] == list(range(1, epochs + 1)), name
+    for name in ("val_miou", "val_iou_road"):
+        history = client.get_metric_history(run.info.run_id, name)
+        assert [m.step for m in history] == list(range(val_every, epochs + 1, val_every)), name
     losses = [m.value for m in client.get_metric_history(run.info.run_id, "train_loss")]
-    assert losses[-1] < 0.7 * losses[0]
+    assert losses[-1] < 0.5 * losses[0]
     best = max(m.value for m in client.get_metric_history(run.info.run_id, "val_miou"))
     assert best == pytest.approx(result.best_miou)
 
@@ -144,4 +168,61 @@ def test_training_learns_and_is_tracked_in_mlflow(
     metrics = json.loads((artifacts / "metrics.json").read_text())
     assert metrics["best_miou"] == pytest.approx(result.best_miou)
     assert not math.isnan(metrics["per_class_iou"]["road"])
-    assert load_config(artifacts / "config.yaml") == cfg
+    # The demo recipe trains without the aux head (aux_weight 0): the logged config says so.
+    assert load_config(artifacts / "config.yaml") == cfg.model_copy(
+        update={"model": cfg.model.model_copy(update={"aux_loss": False})}
+    )
+
+
+def test_augmentation_is_seeded_per_sample_whatever_the_workers(synthetic_root: Path, tmp_path: Path) -> None:
+    from components.data.dataset import CityscapesSegmentation
+    from components.data.transforms import train_transform
+
+    def epochs(workers: int) -> list[list[torch.Tensor]]:
+        cfg = tiny_config(synthetic_root, tmp_path, f"data.num_workers={workers}")
+        loader = train_loader(
+            cfg, CityscapesSegmentation(synthetic_root, "train", train_transform(cfg.augment)), 4
+        )
+        batches = []
+        for epoch in (0, 1, 0):
+            loader.sampler.set_epoch(epoch)
+            batches.append([image for image, _ in loader])
+        return batches
+
+    in_process, in_workers = epochs(0), epochs(2)
+    for first, second in zip(in_process, in_workers, strict=True):
+        assert len(first) == 2  # 8 images, batch 4
+        assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(in_process[0], in_process[2], strict=True))  # replayable
+    assert not torch.equal(in_process[0][0], in_process[1][0])  # yet every epoch differs
+
+
+def test_crop_larger_than_the_images_is_refused_before_training(synthetic_root: Path, tmp_path: Path) -> None:
+    # The fixture's frames are 128x64: scaled by at most 1.5 they give 96x192 (height x width).
+    cfg = tiny_config(synthetic_root, tmp_path, "augment.crop=[96, 256]", "augment.scale_range=[0.5, 1.5]")
+    with pytest.raises(ConfigError, match=r"augment\.crop=\[96, 256\] .*128x64 pixels.*\[96, 192\]"):
+        train(cfg)
+    assert not (tmp_path / "train").exists()
+    check_crop_fits(cfg.augment.model_copy(update={"crop": (96, 192)}), synthetic_root)
+    check_crop_fits(cfg.augment.model_copy(update={"scale_range": (0.5, 2.0)}), synthetic_root)
+    paper_like = load_config("paper", ["augment.resize=[32, 64]", "augment.crop=[48, 64]"]).augment
+    with pytest.raises(ConfigError, match=r"augment\.crop=\[48, 64\] .*augment\.resize=\[32, 64\]"):
+        check_crop_fits(paper_like, synthetic_root)
+
+
+@pytest.mark.slow
+def test_without_aux_weight_the_aux_head_is_not_trained_nor_saved(
+    synthetic_root: Path, tmp_path: Path, one_thread: None
+) -> None:
+    from components.checkpoint import load_checkpoint
+    from components.model import load_model
+
+    cfg = tiny_config(synthetic_root, tmp_path, "train.epochs=1", "train.aux_weight=0", "model.aux_loss=true")
+    result = train(cfg)
+
+    saved = load_checkpoint(result.last_checkpoint)
+    assert saved["model"] and not [name for name in saved["model"] if name.startswith("aux_classifier.")]
+    assert saved["config"]["model"]["aux_loss"] is False
+    model, saved_cfg = load_model(result.best_checkpoint)
+    assert model.aux_classifier is None and saved_cfg.train.aux_weight == 0
+    assert set(model(torch.zeros(1, 3, 64, 128))) == {"out"}

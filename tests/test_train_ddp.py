@@ -24,6 +24,7 @@ DETERMINISTIC_SPLIT = [
     "optimizer.warmup_iters=0",
     "train.epochs=1",
     "train.global_batch_size=4",
+    "train.aux_weight=0.4",  # the demo trains without it; DDP must sync the aux head's gradients too
 ]
 
 
