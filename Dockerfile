@@ -43,6 +43,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     TORCH_HOME=/opt/torch \
     MPLCONFIGDIR=/tmp/matplotlib \
+    OMP_WAIT_POLICY=PASSIVE \
     GIT_COMMIT=${GIT_COMMIT}
 RUN groupadd --system --gid 10001 cityseg \
     && useradd --system --uid 10001 --gid cityseg --create-home --home-dir /home/cityseg cityseg
