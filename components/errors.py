@@ -35,3 +35,7 @@ class RegistryError(CitysegError):
 
 class StorageError(CitysegError):
     """Reading or writing a local path or s3:// URI failed."""
+
+
+MLFLOW_NOT_FOUND_CODES = frozenset({"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"})
+"""MLflow error codes that mean "no such model, version or alias" (as opposed to "unreachable")."""

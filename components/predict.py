@@ -36,7 +36,7 @@ import onnxruntime as ort
 from tqdm import tqdm
 
 from components import storage
-from components.errors import CitysegError, DataError, ModelError
+from components.errors import MLFLOW_NOT_FOUND_CODES, CitysegError, DataError, ModelError
 from components.labels import colorize, trainid_to_labelid_lut
 
 log = logging.getLogger(__name__)
@@ -208,7 +208,7 @@ def _registry_hint(client: Any, model_uri: str, error_code: str) -> str:
     from mlflow.exceptions import MlflowException
 
     unreachable = "Check MLFLOW_TRACKING_URI and that the server is up."
-    if error_code not in ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"):
+    if error_code not in MLFLOW_NOT_FOUND_CODES:
         return unreachable
     name = model_uri[len("models:/") :].split("@", 1)[0].split("/", 1)[0]
     try:

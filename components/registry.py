@@ -40,7 +40,7 @@ from mlflow.types import Schema, TensorSpec
 
 from components import storage, tracking
 from components.config import Config
-from components.errors import RegistryError, StorageError
+from components.errors import MLFLOW_NOT_FOUND_CODES, RegistryError, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -265,7 +265,7 @@ def _alias_version(client: mlflow.MlflowClient, name: str, alias: str) -> Any:
     try:
         return client.get_model_version_by_alias(name, alias)
     except MlflowException as exc:
-        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+        if exc.error_code in MLFLOW_NOT_FOUND_CODES:
             return None
         raise
 

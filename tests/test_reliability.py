@@ -127,7 +127,8 @@ def test_registration_recovers_from_mlflow_and_s3_outages(
         _gate(srv.tracking_uri) as mlflow_gate,
     ):
         monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_gate.url)
-        client = mlflow.MlflowClient()
+        # Explicit URIs: an earlier test in this process may have left MLflow's global tracking URI set.
+        client = mlflow.MlflowClient(tracking_uri=mlflow_gate.url, registry_uri=mlflow_gate.url)
         run1 = _training_run(cfg)
 
         # 1. The MLflow server is down: 4 attempts 1 s, 2 s, 4 s apart, then a RegistryError.
