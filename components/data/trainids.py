@@ -14,7 +14,9 @@ import threading
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+from cityscapesscripts.preparation.json2labelImg import json2labelImg
 from tqdm import tqdm
+from tqdm._monitor import TMonitor
 
 from components.errors import DataError
 
@@ -64,9 +66,14 @@ def create_trainid_labels(root: Path, workers: int | None = None, progress: bool
 
 
 def _start_method() -> str:
-    """fork starts workers in milliseconds, but is only safe while this process has a single thread;
-    with threads (Prefect task runners, DataLoader pin-memory threads) use spawn (~0.5 s per worker)."""
-    return "fork" if threading.active_count() == 1 else "spawn"
+    """fork starts workers in milliseconds with cityscapesscripts already imported (spawn: ~0.5 s each), but
+    is only safe while no other thread may hold a lock the children need. tqdm's monitor thread is
+    harmless (the children never touch tqdm); any other thread (Prefect's task runners, DataLoader
+    pin-memory threads) means spawn."""
+    others = [
+        t for t in threading.enumerate() if t is not threading.main_thread() and not isinstance(t, TMonitor)
+    ]
+    return "spawn" if others else "fork"
 
 
 def _up_to_date(polygons: Path) -> bool:
@@ -85,8 +92,6 @@ def _up_to_date(polygons: Path) -> bool:
 
 def _convert(polygons: str) -> None:
     """One annotation -> its trainId PNG via cityscapesscripts' json2labelImg, renamed into place."""
-    from cityscapesscripts.preparation.json2labelImg import json2labelImg
-
     output = trainid_path(Path(polygons))
     # The temporary name keeps the .png suffix: PIL picks the format from it.
     tmp = output.with_name(f".{output.stem}.{os.getpid()}.tmp.png")
