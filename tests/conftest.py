@@ -8,16 +8,20 @@ from pathlib import Path
 import pytest
 
 
-@pytest.fixture(scope="session")
-def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A prepared synthetic dataset (64x128, 8 train / 4 val images, 2 cities). Treat as read-only."""
+def prepared_synthetic(root: Path, *, train: int, val: int, height: int, width: int) -> Path:
+    """Generate a synthetic Cityscapes (2 cities, seed 0) under ``root`` and write its trainIds."""
     from components.data.synth import generate_synthetic_cityscapes
     from components.data.trainids import create_trainid_labels
 
-    root = tmp_path_factory.mktemp("cityscapes")
-    generate_synthetic_cityscapes(root, train=8, val=4, height=64, width=128, cities=2, seed=0)
+    generate_synthetic_cityscapes(root, train=train, val=val, height=height, width=width, cities=2, seed=0)
     create_trainid_labels(root, workers=2, progress=False)
     return root
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A prepared synthetic dataset (64x128, 8 train / 4 val images, 2 cities). Treat as read-only."""
+    return prepared_synthetic(tmp_path_factory.mktemp("cityscapes"), train=8, val=4, height=64, width=128)
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ from components.config import Config, load_config
 from components.errors import ConfigError
 from components.optim import build_optimizer, build_scheduler, lr_factor, param_groups
 from components.train import BatchPlan, check_crop_fits, plan_batches, result_path, train, train_loader
+from tests.conftest import prepared_synthetic
 
 # Measured (2 cores, under load): baseline 0.0003, best val mIoU 0.174 after 30 epochs x 4 steps, 73 s.
 EPOCHS, VAL_EVERY, BAR = 30, 10, 0.15
@@ -99,13 +100,7 @@ def test_paper_schedule_is_constant() -> None:
 @pytest.fixture(scope="module")
 def learnable_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Synthetic frames large enough (128x256) for the stride-16 model to resolve the big classes."""
-    from components.data.synth import generate_synthetic_cityscapes
-    from components.data.trainids import create_trainid_labels
-
-    root = tmp_path_factory.mktemp("learnable")
-    generate_synthetic_cityscapes(root, train=16, val=4, height=128, width=256, cities=2, seed=0)
-    create_trainid_labels(root, workers=1, progress=False)
-    return root
+    return prepared_synthetic(tmp_path_factory.mktemp("learnable"), train=16, val=4, height=128, width=256)
 
 
 @pytest.mark.slow
