@@ -24,6 +24,7 @@ import argparse
 import json
 import logging
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -195,10 +196,11 @@ def _log_and_register(
     from components.model import load_model
 
     model, _ = load_model(checkpoint_uri)
-    local_onnx = storage.copy_to_local(onnx_path, Path(_scratch_dir(), "model.onnx"))
     active = mlflow.active_run()
     run = nullcontext() if active and active.info.run_id == train_run_id else mlflow.start_run(train_run_id)
-    with run:
+    # A retried attempt (MLflow or S3 outage) must not leave a model-sized copy behind in /tmp.
+    with tempfile.TemporaryDirectory(prefix="cityseg-registry-") as scratch, run:
+        local_onnx = storage.copy_to_local(onnx_path, Path(scratch, "model.onnx"))
         info = mlflow.models.Model.log(
             artifact_path=None,
             name=MODEL_NAME,
@@ -218,7 +220,6 @@ def _log_and_register(
             save_as_external_data=False,
             pip_requirements=_pinned_requirements(),
         )
-    shutil.rmtree(local_onnx.parent, ignore_errors=True)
     version = mlflow.register_model(info.model_uri, cfg.registry.model_name, tags=tags)
     log.info("registered %s version %s from run %s", cfg.registry.model_name, version.version, train_run_id)
     return version
@@ -298,12 +299,6 @@ def _pinned_requirements() -> list[str]:
         except importlib_metadata.PackageNotFoundError:
             pins.append(package)
     return pins
-
-
-def _scratch_dir() -> Path:
-    import tempfile
-
-    return Path(tempfile.mkdtemp(prefix="cityseg-registry-"))
 
 
 class _SegmenterFlavor:

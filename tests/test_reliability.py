@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -115,6 +116,9 @@ def test_registration_recovers_from_mlflow_and_s3_outages(
 
     checkpoint, export = exported
     cfg = tiny_config("tracking.system_metrics=false", f"run_dir={tmp_path}")
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
 
     def register(run_id: str, miou: float):
         return register_model(cfg, run_id, checkpoint, export.onnx_path, miou, 0.4, "fp")
@@ -165,6 +169,8 @@ def test_registration_recovers_from_mlflow_and_s3_outages(
         # The recovered version's artifacts are complete: its ONNX file is the exported one.
         pulled = resolve_onnx(f"models:/{NAME}@champion", str(tmp_path / "cache"))
         assert pulled.read_bytes() == Path(export.onnx_path).read_bytes()
+    # Failed attempts left no model-sized scratch copies behind.
+    assert list(scratch.glob("cityseg-registry-*")) == []
 
 
 @contextlib.contextmanager
