@@ -3,10 +3,13 @@
 Both score the same predictions of the val split: ours reads them as trainId PNGs
 (``components.evaluate.score_predictions``), the reference as the labelId PNGs the official evaluator
 expects (the same pixels through cityscapesscripts' trainId -> labelId table), against
-``*_gtFine_labelIds.png``. The reference's instance-level score (iIoU) is off: we do not compute it, and
-its code calls ``np.in1d``, which NumPy 2.4 removed. The pip package ships no compiled Cython helper, so
-the reference builds its confusion matrix in Python (``np.unique``), as anyone running it gets. Both quiet,
-no JSON file. Every class and category IoU must agree to 1e-6.
+``*_gtFine_labelIds.png``. Ours reads the ground truth from the dataset's label cache, which its first
+scoring builds: that first scoring is timed on its own and reported in the notes.
+
+The reference's instance-level score (iIoU) is off: we do not compute it, and its code calls
+``np.in1d``, which NumPy 2.4 removed. The pip package ships no compiled Cython helper, so the reference
+builds its confusion matrix in Python (``np.unique``), as anyone running it gets. Both quiet, no JSON
+file. Every class and category IoU must agree to 1e-6.
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ import contextlib
 import copy
 import io
 import math
+import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +29,7 @@ import numpy as np
 
 from bench.common import Row, make_row, side_by_side
 from components.config import IGNORE_INDEX
+from components.data.cache import CACHE_DIR
 from components.data.layout import LABEL_SUFFIX
 from components.evaluate import score_predictions
 from components.labels import CLASS_NAMES, trainid_to_labelid_lut
@@ -45,6 +51,11 @@ def bench_evaluation(root: Path, work_dir: Path, *, repeats: int = 3) -> Row:
     def reference() -> None:
         results["reference"] = _run_cityscapesscripts(reference_pairs)
 
+    for stale in Path(root, CACHE_DIR).glob("val_labels_*"):
+        stale.unlink()
+    start = time.perf_counter()
+    ours()  # the first scoring decodes the ground truth into the label cache
+    first_s = time.perf_counter() - start
     ours_s, reference_s = side_by_side(ours, reference, repeats)
     worst = _worst_difference(results["ours"], results["reference"])
     count = len(ground_truth)
@@ -55,7 +66,9 @@ def bench_evaluation(root: Path, work_dir: Path, *, repeats: int = 3) -> Row:
         count / reference_s,
         worst <= TOLERANCE,
         TARGET,
-        f"{count} frames, max |IoU diff| {worst:.1e} over classes+categories, median of {repeats}",
+        f"ground truth from the label cache; first scoring incl. building it {count / first_s:.0f} "
+        f"images/s ({reference_s / first_s:.1f}x); {count} frames, "
+        f"max |IoU diff| {worst:.1e} over classes+categories, median of {repeats}",
     )
 
 
@@ -76,6 +89,7 @@ def _write_predictions(
         cv2.imwrite(str(labelid_path), lut[pred])
         gt_labelids = str(gt_path).replace("_labelTrainIds.png", "_labelIds.png")
         pairs.append((str(labelid_path), gt_labelids))
+    os.sync()  # the kernel's writeback of these files must not land inside the timed runs
     return pairs
 
 

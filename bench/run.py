@@ -37,10 +37,10 @@ def run_benchmarks(
     *,
     only: tuple[str, ...] = BENCHMARKS,
     train: int = 24,
-    val: int = 16,
+    val: int = 64,
     height: int = 1024,
     width: int = 2048,
-    repeats: int = 3,
+    repeats: int = 5,
     trainid_copies: int = 6,
     gpu_compile: bool = False,
     gpu_profile: Path | None = None,
@@ -145,9 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-dir", type=Path, default=Path("runs/bench"), help="data and scratch (reused)")
     parser.add_argument("--only", nargs="+", choices=BENCHMARKS, default=list(BENCHMARKS))
     parser.add_argument("--train", type=int, default=24, help="synthetic train frames (input pipeline)")
-    parser.add_argument("--val", type=int, default=16, help="synthetic val frames (evaluation)")
+    parser.add_argument("--val", type=int, default=64, help="synthetic val frames (evaluation)")
     parser.add_argument("--height", type=int, default=1024, help="synthetic frame height (width = 2x)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed repeats per side (median)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per side (median)")
     parser.add_argument("--gpu-compile", action="store_true", help="also measure ours with torch.compile")
     parser.add_argument("--json", type=Path, default=BENCH_DIR / "results.json")
     parser.add_argument("--results", type=Path, default=BENCH_DIR / "RESULTS.md")

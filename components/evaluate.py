@@ -22,7 +22,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,8 @@ from tqdm import tqdm
 
 from components import plots
 from components.config import IGNORE_INDEX, Config, load_config
+from components.data.cache import open_label_cache
+from components.data.fastpng import imread_unchanged
 from components.errors import ConfigError, DataError
 from components.labels import CLASS_NAMES, NUM_CLASSES
 from components.metrics import ConfusionMatrix, class_names, confusion_counts
@@ -236,6 +238,7 @@ def score_predictions(pred_dir: str | Path, data_root: str | Path, split: str = 
 
     Predictions are found anywhere under ``pred_dir`` and matched to ground truth by the
     ``<city>_<seq>_<frame>`` prefix of their file name; a missing one is a DataError naming it.
+    The ground truth is decoded once into the dataset's label cache and read from there afterwards.
     """
     ground_truth = sorted(Path(data_root, "gtFine", split).glob("*/*_gtFine_labelTrainIds.png"))
     if not ground_truth:
@@ -249,31 +252,48 @@ def score_predictions(pred_dir: str | Path, data_root: str | Path, split: str = 
         if key in predictions:
             raise DataError(f"two predictions for frame {key}: {predictions[key]} and {path}; keep one")
         predictions[key] = path
-    pairs = []
     for gt in ground_truth:
         if _frame_key(gt) not in predictions:
             raise DataError(f"no prediction {_frame_key(gt)}*.png under {pred_dir} for ground truth {gt}")
-        pairs.append((predictions[_frame_key(gt)], gt))
+    read_gt = _ground_truth_reader(Path(data_root), split, ground_truth)
+
+    def pair_counts(index: int) -> np.ndarray:
+        gt_path = ground_truth[index]
+        pred_path = predictions[_frame_key(gt_path)]
+        gt = read_gt(index)
+        pred = _read_ids(pred_path, scratch=True)  # counted before this thread reads the next one
+        if pred.shape != gt.shape:
+            raise DataError(
+                f"{pred_path} is {pred.shape[::-1]} but its ground truth {gt_path} is {gt.shape[::-1]}"
+            )
+        return confusion_counts(pred, gt, NUM_CLASSES)
+
+    # OpenCV, zlib-ng and torch release the GIL while decoding and counting: threads scale over images,
+    # and one more thread than cores keeps them busy while another waits for the GIL.
+    with ThreadPoolExecutor(max_workers=min(32, (os.cpu_count() or 1) + 1)) as pool:
+        jobs = pool.map(pair_counts, range(len(ground_truth)))
+        total = sum(tqdm(jobs, total=len(ground_truth), desc="score", leave=False))
     matrix = ConfusionMatrix(NUM_CLASSES)
-    # cv2 releases the GIL while decoding and counting, so threads scale over the images.
-    with ThreadPoolExecutor(max_workers=min(32, os.cpu_count() or 1)) as pool:
-        for counts in tqdm(pool.map(_pair_counts, pairs), total=len(pairs), desc="score", leave=False):
-            matrix.add_counts(counts)
-    return {**matrix.compute(), "protocol": "official", "num_images": len(pairs), "model": str(pred_dir)}
+    matrix.add_counts(total)
+    return {
+        **matrix.compute(),
+        "protocol": "official",
+        "num_images": len(ground_truth),
+        "model": str(pred_dir),
+    }
 
 
-def _pair_counts(pair: tuple[Path, Path]) -> np.ndarray:
-    pred_path, gt_path = pair
-    pred, gt = (_read_ids(path) for path in pair)
-    if pred.shape != gt.shape:
-        raise DataError(
-            f"{pred_path} is {pred.shape[::-1]} but its ground truth {gt_path} is {gt.shape[::-1]}"
-        )
-    return confusion_counts(pred, gt, NUM_CLASSES)
+def _ground_truth_reader(root: Path, split: str, ground_truth: list[Path]) -> Callable[[int], np.ndarray]:
+    """Reads label i from the dataset's label cache, or from its PNG where the cache cannot be written."""
+    try:
+        return open_label_cache(root, split, ground_truth).label
+    except OSError as exc:
+        log.warning("cannot cache the ground truth under %s (%s): decoding every label", root, exc)
+        return lambda index: _read_ids(ground_truth[index])
 
 
-def _read_ids(path: Path) -> np.ndarray:
-    ids = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+def _read_ids(path: Path, scratch: bool = False) -> np.ndarray:
+    ids = imread_unchanged(path, scratch=scratch)
     if ids is None:
         raise DataError(f"cannot read {path} as a PNG")
     if ids.ndim != 2:

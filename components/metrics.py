@@ -90,19 +90,20 @@ class ConfusionMatrix:
 def confusion_counts(pred: np.ndarray, target: np.ndarray, num_classes: int) -> np.ndarray:
     """CPU twin of :meth:`ConfusionMatrix.update` for one image: (C+1)x(C+1) int64 counts.
 
-    OpenCV's LUT + 2-D calcHist count without holding the GIL (threads scale over images) and ~2x
-    faster than ``np.bincount``; its float32 bins are exact below 2**24 pixels per image.
+    One 256x256 OpenCV ``calcHist`` of the raw uint8 values (~4x faster than ``np.bincount``, and
+    without the GIL, so threads scale over images), folded into the extra row and column afterwards;
+    its float32 bins are exact below 2**24 pixels per image.
     """
     if pred.size >= 2**24:
         raise ValueError(f"confusion_counts takes one image; got {pred.size} pixels")
     n = num_classes
-    clamp = np.minimum(np.arange(256), n).astype(np.uint8)
-    planes = [
-        cv2.LUT(ids, clamp) if ids.dtype == np.uint8 else np.minimum(ids, n).astype(np.uint8)
-        for ids in (target, pred)
-    ]
-    histogram = cv2.calcHist(planes, [0, 1], None, [n + 1, n + 1], [0, n + 1, 0, n + 1])
-    return histogram.astype(np.int64)
+    if n >= 256:
+        raise ValueError(f"confusion_counts counts uint8 labels; {n} classes do not fit")
+    planes = [ids if ids.dtype == np.uint8 else np.minimum(ids, n).astype(np.uint8) for ids in (target, pred)]
+    histogram = cv2.calcHist(planes, [0, 1], None, [256, 256], [0, 256, 0, 256])
+    # Folded in float32: every sum is a pixel count below 2**24, so still exact.
+    rows = np.vstack([histogram[:n], histogram[n:].sum(axis=0, keepdims=True)])
+    return np.hstack([rows[:, :n], rows[:, n:].sum(axis=1, keepdims=True)]).astype(np.int64)
 
 
 def class_names(num_classes: int) -> tuple[str, ...]:

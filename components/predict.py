@@ -36,6 +36,7 @@ import onnxruntime as ort
 from tqdm import tqdm
 
 from components import storage
+from components.data.layout import PNG_SIGNATURE
 from components.errors import MLFLOW_NOT_FOUND_CODES, CitysegError, DataError, ModelError
 from components.labels import colorize, trainid_to_labelid_lut
 
@@ -44,7 +45,6 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 DEFAULT_CACHE = Path.home() / ".cache" / "cityseg-ops"
 _ONNX_IN_MODEL = "onnx/model.onnx"  # components.registry.ONNX_SUBPATH (not imported: keeps serving light)
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MAX_PIXELS = 40_000_000
 """Largest input accepted (about 8K x 5K, 20 Cityscapes frames): tiling sums one float32 logit per class
 and pixel, so memory grows with the image; larger ones are refused before anything is decoded."""
@@ -286,7 +286,7 @@ def _png_bit_depth(path: Path) -> int | None:
     with path.open("rb") as handle:
         header = handle.read(25)
     # PNG layout: 8-byte signature, IHDR chunk (length, type, width, height), then the bit depth byte.
-    return header[24] if header.startswith(_PNG_SIGNATURE) and len(header) == 25 else None
+    return header[24] if header.startswith(PNG_SIGNATURE) and len(header) == 25 else None
 
 
 def _read_rgb(path: Path) -> np.ndarray:

@@ -14,8 +14,9 @@ from cityscapesscripts.helpers.labels import name2label
 
 from components.config import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig
 from components.data.__main__ import main
-from components.data.cache import CACHE_DIR
+from components.data.cache import CACHE_DIR, open_label_cache
 from components.data.dataset import CityscapesSegmentation, worker_init_fn
+from components.data.layout import check_label_values, read_label
 from components.data.transforms import eval_transform, train_transform
 from components.errors import DataError
 
@@ -197,3 +198,33 @@ def test_decode_cache_gives_identical_samples_and_is_built_once(copy: Path) -> N
     assert {p: p.stat().st_mtime_ns for p in cache_files} == built, "an existing cache is reused"
     assert len(pickle.dumps(again)) < 20_000, "DataLoader workers must not receive the mapped pixels"
     assert again[0][1].shape == (32, 48)
+
+
+def test_label_value_check_bounds() -> None:
+    label = np.array([[0, 18, 255]], np.uint8)
+    check_label_values(label, Path("fine.png"))
+    for bad in (19, 254):
+        with pytest.raises(DataError, match=rf"odd\.png holds values \[{bad}\]"):
+            check_label_values(np.array([[0, bad, 255]], np.uint8), Path("odd.png"))
+
+
+def test_label_cache_holds_the_labels_at_their_size_and_follows_changes(copy: Path) -> None:
+    labels = sorted((copy / "gtFine" / "val").glob("*/*_labelTrainIds.png"))
+    cache = open_label_cache(copy, "val", labels, progress=False)
+    assert len(cache) == len(labels)
+    for index, path in enumerate(labels):
+        assert np.array_equal(cache.label(index), read_label(path))
+    files = sorted((copy / CACHE_DIR).glob("val_labels_*"))
+    assert [p.name.split(".", 1)[1] for p in files] == ["json", "labels.u8", "lock"]
+    built = {p: p.stat().st_mtime_ns for p in files}
+    open_label_cache(copy, "val", labels, progress=False)
+    assert {p: p.stat().st_mtime_ns for p in files} == built, "an existing cache is reused"
+
+    # A regenerated label (same size on disk or not) gets a new cache with its new pixels.
+    changed = read_label(labels[1])
+    changed[:3, :5] = 7
+    cv2.imwrite(str(labels[1]), changed)
+    again = open_label_cache(copy, "val", labels, progress=False)
+    assert again.base != cache.base
+    assert np.array_equal(again.label(1), changed)
+    assert np.array_equal(again.label(0), cache.label(0))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 from pathlib import Path
 
 import cv2
@@ -14,6 +15,7 @@ import torch
 
 from components.checkpoint import save_checkpoint
 from components.config import Config, load_config
+from components.data.cache import CACHE_DIR
 from components.errors import DataError
 from components.evaluate import (
     evaluate,
@@ -158,3 +160,26 @@ def test_score_predictions_cli_and_missing_file(
     missing.unlink()
     with pytest.raises(DataError, match=labels[0].name[: -len("_gtFine_labelTrainIds.png")]):
         score_predictions(preds, synthetic_root)
+
+
+def test_scoring_without_a_writable_label_cache_decodes_the_ground_truth(
+    synthetic_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_root / "gtFine", root / "gtFine")
+    preds = tmp_path / "preds"
+    preds.mkdir()
+    for index, label in enumerate(sorted((root / "gtFine" / "val").glob("*/*_labelTrainIds.png"))):
+        pred = cv2.imread(str(label), cv2.IMREAD_UNCHANGED)
+        pred[: 8 * (index + 1), :16] = index  # a different mistake per image
+        cv2.imwrite(str(preds / label.name.replace("gtFine_labelTrainIds", "pred")), pred)
+    cached = score_predictions(preds, root)
+    assert list((root / CACHE_DIR).glob("val_labels_*.labels.u8"))
+
+    shutil.rmtree(root / CACHE_DIR)
+    (root / CACHE_DIR).write_text("not a folder")  # like a read-only dataset: the cache cannot be made
+    with caplog.at_level(logging.WARNING, logger="components.evaluate"):
+        decoded = score_predictions(preds, root)
+    assert "cannot cache the ground truth" in caplog.text
+    assert decoded["miou"] < 1.0
+    assert decoded["per_class_iou"] == pytest.approx(cached["per_class_iou"], abs=0, nan_ok=True)

@@ -172,3 +172,15 @@ def test_reduce_and_sharded_evaluation_under_a_real_gloo_group(synthetic_root: P
     assert int(single.counts.sum()) == 5 * 2 * 16 * 32
     valid = sum(int((dataset[i][1] != 255).sum()) for i in range(len(dataset)))
     assert int(scored.counts[:NUM_CLASSES].sum()) == valid
+
+
+def test_confusion_counts_of_uint8_maps_equal_the_torch_matrix() -> None:
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        target = rng.choice([*range(NUM_CLASSES), 255], (33, 47)).astype(np.uint8)
+        pred = rng.integers(0, 256, target.shape, dtype=np.uint8)  # every byte, valid or not
+        agree = rng.random(target.shape) < 0.5
+        pred[agree] = target[agree]
+        matrix = ConfusionMatrix(NUM_CLASSES)
+        matrix.update(torch.from_numpy(pred), torch.from_numpy(target))
+        assert np.array_equal(confusion_counts(pred, target, NUM_CLASSES), matrix.counts.numpy())
