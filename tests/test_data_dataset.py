@@ -220,11 +220,24 @@ def test_label_cache_holds_the_labels_at_their_size_and_follows_changes(copy: Pa
     open_label_cache(copy, "val", labels, progress=False)
     assert {p: p.stat().st_mtime_ns for p in files} == built, "an existing cache is reused"
 
+    CityscapesSegmentation(copy, "val", cache_size=(32, 48))  # a training cache of the same split
+    training = sorted((copy / CACHE_DIR).glob("val_32x48_*"))
+    assert training
+
     # A regenerated label (same size on disk or not) gets a new cache with its new pixels.
     changed = read_label(labels[1])
     changed[:3, :5] = 7
     cv2.imwrite(str(labels[1]), changed)
+    before = cache.label(0).copy()
     again = open_label_cache(copy, "val", labels, progress=False)
     assert again.base != cache.base
     assert np.array_equal(again.label(1), changed)
-    assert np.array_equal(again.label(0), cache.label(0))
+    assert np.array_equal(again.label(0), before)
+    # The superseded cache is deleted; the split's training cache (another kind) is left alone.
+    assert not any(path.exists() for path in files)
+    assert all(path.exists() for path in training)
+    assert sorted(p.name.split(".", 1)[1] for p in (copy / CACHE_DIR).glob("val_labels_*")) == [
+        "json",
+        "labels.u8",
+        "lock",
+    ]

@@ -7,9 +7,9 @@
 * Scoring saved predictions: the ground truth is the same for every model, so its trainId labels are
   decoded once at their own size into ``<root>/.cache/<split>_labels_<key>.labels.u8``.
 
-The key hashes the files' names, sizes and modification times. Builders serialise on a file lock (DDP
-ranks, concurrent scorers), write to temporary names and publish a small JSON last, so a half-built
-cache is never read.
+The key hashes the files' names, sizes and modification times; a new cache deletes the one it replaces.
+Builders serialise on a file lock (DDP ranks, concurrent scorers), write to temporary names and publish
+a small JSON last, so a half-built cache is never read.
 """
 
 from __future__ import annotations
@@ -143,7 +143,21 @@ def _build_once(base: Path, build: Callable[[], dict]) -> dict:
                 tmp = meta.with_suffix(".json.tmp")
                 tmp.write_text(json.dumps(build()))
                 os.replace(tmp, meta)
+                _remove_superseded(base)
     return json.loads(meta.read_text())
+
+
+def _remove_superseded(base: Path) -> None:
+    """Delete the published caches of the same kind with another key: changed files left them stale.
+
+    They can be GBs; a process still reading one keeps its mapping (the data goes when it closes).
+    """
+    kind = base.name.rsplit("_", 1)[0]  # e.g. "train_768x1024" or "val_labels"
+    for meta in base.parent.glob(f"{kind}_*.json"):
+        stale = meta.with_suffix("")
+        if stale.name != base.name and stale.name.rsplit("_", 1)[0] == kind:
+            for path in [meta, stale.with_suffix(".lock"), *base.parent.glob(f"{stale.name}.*.u8")]:
+                path.unlink(missing_ok=True)
 
 
 def _fill_memmaps(

@@ -1,9 +1,9 @@
-"""``cv2.imread(path, cv2.IMREAD_UNCHANGED)``, ~5x faster for the label maps we score.
+"""``cv2.imread(path, cv2.IMREAD_UNCHANGED)``, ~6x faster for the label maps we score.
 
 libpng spends ~8 ms on a 2048x1024 label PNG: half in zlib's inflate, most of the rest undoing the
 row filters one row at a time. For an 8-bit greyscale PNG whose rows use the None, Sub or Up filter
-(OpenCV writes every row Sub) this module inflates with zlib-ng (~15x faster than zlib) and undoes each
-run of same-filter rows at once as a torch prefix sum (uint8 sums wrap mod 256, as PNG's do): ~1.4 ms.
+(OpenCV writes every row Sub) this module inflates with zlib-ng (~10x faster than zlib) and undoes each
+run of same-filter rows at once as a torch prefix sum (uint8 sums wrap mod 256, as PNG's do): ~1.2 ms.
 Anything else -- palette, transparency, interlace, other depths, the sequential Average/Paeth filters
 PIL picks for many rows, a bad checksum, a cut-off file -- goes to OpenCV, so the result is OpenCV's.
 """
