@@ -184,6 +184,8 @@ def launch_training(cfg: Config, nproc: int | None = None) -> TrainResult:
         assert process.stdout is not None
         for line in process.stdout:
             line = line.rstrip()
+            if not line.strip():  # what a closing progress bar leaves behind
+                continue
             tail.append(line)
             if " ERROR " in line or "Error:" in line:
                 errors.append(line)

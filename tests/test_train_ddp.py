@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -31,11 +32,15 @@ DETERMINISTIC_SPLIT = [
 @pytest.mark.slow
 @pytest.mark.usefixtures("one_thread")
 def test_two_ranks_match_one_process(
-    synthetic_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    synthetic_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     single = train(tiny_config(synthetic_root, tmp_path / "single", *DETERMINISTIC_SPLIT))
-    ddp = launch_training(tiny_config(synthetic_root, tmp_path / "ddp", *DETERMINISTIC_SPLIT), nproc=2)
+    with caplog.at_level(logging.INFO, logger="components.train"):
+        ddp = launch_training(tiny_config(synthetic_root, tmp_path / "ddp", *DETERMINISTIC_SPLIT), nproc=2)
+    relayed = [r.getMessage() for r in caplog.records if r.name == "components.train"]
+    assert any("val mIoU" in line for line in relayed)
+    assert all(line.strip() for line in relayed), "no blank lines from closing progress bars"
 
     one, two = load_checkpoint(single.last_checkpoint), load_checkpoint(ddp.last_checkpoint)
     assert two["epoch"] == one["epoch"] == 1
