@@ -28,11 +28,10 @@ import cv2
 import numpy as np
 
 from bench.common import Row, make_row, side_by_side
-from components.config import IGNORE_INDEX
 from components.data.cache import CACHE_DIR
 from components.data.layout import LABEL_SUFFIX
 from components.evaluate import score_predictions
-from components.labels import CLASS_NAMES, trainid_to_labelid_lut
+from components.labels import CLASS_NAMES, IGNORE_INDEX, trainid_to_labelid_lut
 
 TARGET = (">=", 20.0)
 TOLERANCE = 1e-6

@@ -31,9 +31,10 @@ from torch.utils.data import DataLoader, RandomSampler
 
 from bench.common import Row, not_run
 from bench.input_pipeline import PaperDataset, paper_transform
-from components.config import IGNORE_INDEX, Config, load_config
+from components.config import Config, load_config
 from components.data.dataset import CityscapesSegmentation, worker_init_fn
 from components.data.transforms import train_transform
+from components.labels import IGNORE_INDEX
 from components.model import build_model
 from components.optim import build_optimizer
 

@@ -25,7 +25,7 @@ import torch
 from components import storage
 from components.errors import CheckpointError, StorageError
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 BEST = "best.pt"
 _EPOCH_FILE = re.compile(r"^epoch_(\d{4,})\.pt$")
@@ -81,7 +81,7 @@ def load_latest_checkpoint(directory: str, map_location: str | torch.device = "c
         try:
             return load_checkpoint(uri, map_location)
         except CheckpointError as exc:
-            log.warning("skipping %s", exc)
+            logger.warning("skipping %s", exc)
     return None
 
 

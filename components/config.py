@@ -21,7 +21,6 @@ from components.errors import ConfigError
 RECIPES_DIR = Path(__file__).parent / "recipes"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-IGNORE_INDEX = 255  # Cityscapes trainId for pixels the benchmark does not score
 
 
 class _Strict(BaseModel):

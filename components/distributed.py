@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
 from torch import nn
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ def init() -> DistContext:
         root = logging.getLogger()
         for handler in root.handlers:
             handler.addFilter(quiet)
-    log.info("rank %d/%d on %s (backend %s)", rank, world_size, device, backend or "none")
+    logger.info("rank %d/%d on %s (backend %s)", rank, world_size, device, backend or "none")
     return DistContext(rank, local_rank, world_size, device, backend)
 
 

@@ -37,16 +37,17 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from components import plots
-from components.config import IGNORE_INDEX, Config, load_config
+from components.cli import run_cli
+from components.config import Config, load_config
 from components.data.cache import open_label_cache
 from components.data.fastpng import imread_unchanged
 from components.errors import ConfigError, DataError
-from components.labels import CLASS_NAMES, NUM_CLASSES
+from components.labels import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES
 from components.metrics import ConfusionMatrix, class_names, confusion_counts
 from components.model import build_model, load_model, pretrained_categories
 from components.storage import atomic_path
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 BASELINES = ("paper-baseline", "zero-shot")
 # VOC class (torchvision's category name) -> Cityscapes class, for the zero-shot baseline.
@@ -288,7 +289,7 @@ def _ground_truth_reader(root: Path, split: str, ground_truth: list[Path]) -> Ca
     try:
         return open_label_cache(root, split, ground_truth).label
     except OSError as exc:
-        log.warning("cannot cache the ground truth under %s (%s): decoding every label", root, exc)
+        logger.warning("cannot cache the ground truth under %s (%s): decoding every label", root, exc)
         return lambda index: _read_ids(ground_truth[index])
 
 
@@ -317,7 +318,7 @@ def _model_to_evaluate(
         return build_model(cfg.model), cfg, None
     weights = "none" if cfg.model.weights.lower() == "none" else "DEFAULT"
     if weights == "none":
-        log.warning("zero-shot baseline with model.weights=none: the VOC head is random, expect ~0 mIoU")
+        logger.warning("zero-shot baseline with model.weights=none: the VOC head is random, expect ~0 mIoU")
     zero_shot = cfg.model.model_copy(update={"weights": weights, "num_classes": 21, "aux_loss": False})
     model = build_model(zero_shot)
     return model, cfg.model_copy(update={"model": zero_shot}), voc_to_trainid_map(cfg.model.backbone)
@@ -390,7 +391,7 @@ def _rank_world() -> tuple[int, int]:
     return 0, 1
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Evaluate a model or baseline on Cityscapes val (official protocol), or score saved "
         "trainId prediction PNGs."
@@ -407,8 +408,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-mlflow", action="store_true", help="do not log an MLflow run")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. evaluate.resize=[512,1024]")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run_cli(lambda: _run(args))
 
+
+def _run(args: argparse.Namespace) -> None:
     if args.predictions:
         metrics = score_predictions(args.predictions, args.data, args.split)
         out = Path(args.out or "metrics.json")
@@ -433,4 +436,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -22,11 +22,12 @@ import torch
 from torch import nn
 
 from components import storage
-from components.config import Config
-from components.errors import CitysegError, ExportError
+from components.cli import run_cli
+from components.config import Config, load_config
+from components.errors import ExportError
 from components.labels import CLASS_NAMES, PALETTE, TRAIN_ID_TO_LABEL_ID
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
@@ -129,7 +130,7 @@ def export_onnx(
             storage.upload(staged16, result.fp16_path)
         # Only a model that passed every gate is published (atomically for local paths).
         storage.upload(staged, str(out_path))
-    log.info(
+    logger.info(
         "exported %s -> %s (%s exporter, opset %d): max |diff| %.2e, argmax agreement %.5f",
         checkpoint_uri,
         out_path,
@@ -166,7 +167,7 @@ def export_graph(net: nn.Module, path: Path, opset: int) -> str:
         program.save(str(path), external_data=False)
         return "dynamo"
     except Exception as exc:  # the exporter raises many types; any of them means "try the fallback"
-        log.warning(
+        logger.warning(
             "dynamo ONNX exporter failed (%s: %s); falling back to the TorchScript exporter",
             type(exc).__name__,
             exc,
@@ -304,7 +305,7 @@ def check_parity(
         reports.append(
             ParityReport(size=size, images=len(images), max_abs_diff=diff, argmax_agreement=agreement)
         )
-        log.info("%s parity at %s: max |diff| %.3e, argmax agreement %.5f", label, size, diff, agreement)
+        logger.info("%s parity at %s: max |diff| %.3e, argmax agreement %.5f", label, size, diff, agreement)
     failed = [
         r for r in reports if not (r.max_abs_diff <= max_abs_diff and r.argmax_agreement >= min_agreement)
     ]
@@ -331,19 +332,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.overrides and not args.recipe:
         parser.error("overrides need --recipe (the recipe the checkpoint was trained with)")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cfg = None
-    if args.recipe:
-        from components.config import load_config
 
-        cfg = load_config(args.recipe, args.overrides)
-    try:
+    def run() -> None:
+        cfg = load_config(args.recipe, args.overrides) if args.recipe else None
         result = export_onnx(args.checkpoint, args.out, args.data, cfg, source_run_id=args.run_id)
-    except CitysegError as exc:
-        log.error("%s", exc)
-        return 1
-    print(json.dumps({k: v for k, v in result.to_dict().items() if k != "metadata"}, indent=2))
-    return 0
+        print(json.dumps({k: v for k, v in result.to_dict().items() if k != "metadata"}, indent=2))
+
+    return run_cli(run)
 
 
 if __name__ == "__main__":

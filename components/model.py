@@ -29,7 +29,7 @@ from components.checkpoint import load_checkpoint
 from components.config import Config, ModelConfig, config_from_dict, load_config
 from components.errors import ModelError
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 _BUILDERS = {
     "resnet50": (segmentation.deeplabv3_resnet50, segmentation.DeepLabV3_ResNet50_Weights),
@@ -121,7 +121,7 @@ def _load_initial_weights(net: nn.Module, model: ModelConfig) -> None:
             f"model.weights={model.weights} does not fit: missing {missing}, unexpected {unexpected}"
         )
     if missing:
-        log.warning("%s has no auxiliary head; it starts freshly initialised", model.weights)
+        logger.warning("%s has no auxiliary head; it starts freshly initialised", model.weights)
 
 
 def _checkpoint_state(uri: str, map_location: str | torch.device) -> tuple[dict[str, Any], Config]:

@@ -9,7 +9,7 @@ from torch import nn
 
 from components.config import OptimizerConfig
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 HEAD_PREFIXES = ("classifier.", "aux_classifier.")
 """DeepLabV3's freshly initialised heads; they get ``head_lr_mult`` x the backbone's LR."""
@@ -66,7 +66,7 @@ def build_scheduler(
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Stepped once per optimizer step. Its state (step count) is plain data, so checkpoints can hold it."""
     if optimizer.warmup_iters >= total_iters and optimizer.warmup_iters > 0:
-        log.warning(
+        logger.warning(
             "optimizer.warmup_iters=%d covers the whole run (%d steps)", optimizer.warmup_iters, total_iters
         )
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda it: lr_factor(it, optimizer, total_iters))

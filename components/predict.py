@@ -36,11 +36,12 @@ import onnxruntime as ort
 from tqdm import tqdm
 
 from components import storage
+from components.cli import run_cli
 from components.data.layout import PNG_SIGNATURE
-from components.errors import MLFLOW_NOT_FOUND_CODES, CitysegError, DataError, ModelError
+from components.errors import MLFLOW_NOT_FOUND_CODES, DataError, ModelError
 from components.labels import colorize, trainid_to_labelid_lut
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 DEFAULT_CACHE = Path.home() / ".cache" / "cityseg-ops"
@@ -138,7 +139,7 @@ def predict(
                 ):
                     written.append(_write_outputs(out, image.relative, rgb, mask))
                 bar.update(len(batch))
-    log.info("wrote predictions for %d images to %s", len(written), output_dir)
+    logger.info("wrote predictions for %d images to %s", len(written), output_dir)
     return written
 
 
@@ -178,7 +179,7 @@ def _registered_onnx(model_uri: str, cache_root: Path) -> Path:
             f"cannot get the ONNX file of {model_uri} from {mlflow.get_tracking_uri()}: {exc.message}. "
             "Check the name/alias/version and MLFLOW_TRACKING_URI."
         ) from None
-    log.info("%s is %s version %s (cached at %s)", model_uri, name, version, cached)
+    logger.info("%s is %s version %s (cached at %s)", model_uri, name, version, cached)
     return cached
 
 
@@ -382,8 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", help=f"model cache (default $CITYSEG_CACHE or {DEFAULT_CACHE})")
     parser.add_argument("--cpu", action="store_true", help="use the CPU even when CUDA is available")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
+
+    def run() -> None:
         written = predict(
             args.model,
             args.input,
@@ -395,11 +396,9 @@ def main(argv: list[str] | None = None) -> int:
             cache_dir=args.cache_dir,
             providers=["CPUExecutionProvider"] if args.cpu else None,
         )
-    except CitysegError as exc:
-        log.error("%s", exc)
-        return 1
-    print(f"segmented {len(written)} images into {args.output}")
-    return 0
+        print(f"segmented {len(written)} images into {args.output}")
+
+    return run_cli(run)
 
 
 if __name__ == "__main__":

@@ -40,10 +40,11 @@ from mlflow.models import ModelSignature
 from mlflow.types import Schema, TensorSpec
 
 from components import storage, tracking
-from components.config import Config
+from components.cli import run_cli
+from components.config import Config, load_config
 from components.errors import MLFLOW_NOT_FOUND_CODES, RegistryError, StorageError
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -110,7 +111,7 @@ def register_model(
             "the MLflow server / artifact store",
         )
     elif "promotion" in version.tags:
-        log.info(
+        logger.info(
             "training run %s is already %s version %s; nothing to do", train_run_id, name, version.version
         )
         aliases = retry(lambda: client.get_model_version(name, version.version).aliases, "the registry")
@@ -144,7 +145,7 @@ def retry(call: Callable[[], T], what: str, attempts: int = 4, base_delay: float
                     "a re-run registers exactly one version."
                 ) from None
             delay = base_delay * 2 ** (attempt - 1)
-            log.warning("%s unreachable (%s); retrying in %.0f s", what, _short(exc), delay)
+            logger.warning("%s unreachable (%s); retrying in %.0f s", what, _short(exc), delay)
             time.sleep(delay)
     raise AssertionError("unreachable")
 
@@ -181,7 +182,7 @@ def _ensure_bucket(cfg: Config, client: mlflow.MlflowClient) -> None:
         b["Name"] for b in retry(s3.list_buckets, f"the S3 endpoint {storage.s3_endpoint_url()}")["Buckets"]
     }
     if bucket not in existing:
-        log.info("creating S3 bucket %s for MLflow artifacts", bucket)
+        logger.info("creating S3 bucket %s for MLflow artifacts", bucket)
         retry(lambda: s3.create_bucket(Bucket=bucket), f"the S3 endpoint {storage.s3_endpoint_url()}")
 
 
@@ -221,7 +222,9 @@ def _log_and_register(
             pip_requirements=_pinned_requirements(),
         )
     version = mlflow.register_model(info.model_uri, cfg.registry.model_name, tags=tags)
-    log.info("registered %s version %s from run %s", cfg.registry.model_name, version.version, train_run_id)
+    logger.info(
+        "registered %s version %s from run %s", cfg.registry.model_name, version.version, train_run_id
+    )
     return version
 
 
@@ -247,7 +250,7 @@ def _promote(
     client.set_registered_model_alias(name, CHALLENGER, version)
     if promoted:
         client.set_registered_model_alias(name, CHAMPION, version)
-    log.info("%s version %s: %s", name, version, decision)
+    logger.info("%s version %s: %s", name, version, decision)
     if champion_miou is not None:
         client.set_model_version_tag(name, version, "champion", f"{champion_miou:.6f}")
     client.update_model_version(name, version, description=decision)
@@ -337,9 +340,6 @@ class _SegmenterFlavor:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from components.config import load_config
-    from components.errors import CitysegError
-
     parser = argparse.ArgumentParser(description="Register an exported model and decide its aliases.")
     parser.add_argument("--recipe", default="strong")
     parser.add_argument("--run-id", required=True, help="the training run's MLflow id")
@@ -350,8 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fingerprint", required=True, help="dataset fingerprint")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
+
+    def run() -> None:
         result = register_model(
             load_config(args.recipe, args.overrides),
             args.run_id,
@@ -361,11 +361,9 @@ def main(argv: list[str] | None = None) -> int:
             args.baseline_miou,
             args.fingerprint,
         )
-    except CitysegError as exc:
-        log.error("%s", exc)
-        return 1
-    print(json.dumps({**asdict(result), "model_uri": result.model_uri}, indent=2))
-    return 0
+        print(json.dumps({**asdict(result), "model_uri": result.model_uri}, indent=2))
+
+    return run_cli(run)
 
 
 if __name__ == "__main__":

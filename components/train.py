@@ -51,16 +51,17 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm import tqdm
 
 from components import checkpoint, distributed, storage, tracking
-from components.config import IGNORE_INDEX, AugmentConfig, Config, TrainConfig, load_config
+from components.config import AugmentConfig, Config, TrainConfig, load_config
 from components.data import dataset as dataset_module
 from components.data.layout import IMAGE_SUFFIX, read_png_header
 from components.data.transforms import eval_transform, train_transform
 from components.errors import CitysegError, ConfigError
 from components.evaluate import eval_loader, evaluate_model, mlflow_metrics, protocol_name
+from components.labels import IGNORE_INDEX
 from components.model import build_model
 from components.optim import build_optimizer, build_scheduler
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 RESULT_FILE = "train_result.json"
 CONFIG_FILE = "train_config.yaml"
@@ -171,7 +172,7 @@ def launch_training(cfg: Config, nproc: int | None = None) -> TrainResult:
         # (MobileNet, batch 8, 2 busy cores: 6.5 s/step spinning, 2.0 s passive); no effect on GPU work.
         "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
     }
-    log.info("launching %s", " ".join(command))
+    logger.info("launching %s", " ".join(command))
     tail: collections.deque[str] = collections.deque(maxlen=20)
     # torchrun's own failure report is long enough to push the ranks' error messages out of the tail.
     errors: collections.deque[str] = collections.deque(maxlen=10)
@@ -189,7 +190,7 @@ def launch_training(cfg: Config, nproc: int | None = None) -> TrainResult:
             tail.append(line)
             if " ERROR " in line or "Error:" in line:
                 errors.append(line)
-            log.info("%s", line)
+            logger.info("%s", line)
         exit_code = process.wait()
     if exit_code != 0:
         raise TrainingError(
@@ -249,7 +250,7 @@ def _train(cfg: Config, ctx: distributed.DistContext, stop: threading.Event) -> 
             run_id=state["mlflow_run_id"],
             metrics=state["metrics"],
         )
-        log.info("resuming after epoch %d from %s", progress.start_epoch, cfg.train.output_dir)
+        logger.info("resuming after epoch %d from %s", progress.start_epoch, cfg.train.output_dir)
         del state
 
     model: nn.Module = raw
@@ -283,7 +284,7 @@ def _train(cfg: Config, ctx: distributed.DistContext, stop: threading.Event) -> 
                 is_best = val["miou"] > progress.best_miou
                 if is_best:
                     progress.best_miou, progress.best_epoch = val["miou"], epoch + 1
-                log.info(
+                logger.info(
                     "epoch %d/%d: val mIoU %.4f (best %.4f, epoch %d)",
                     epoch + 1,
                     cfg.train.epochs,
@@ -407,7 +408,7 @@ class _Loop:
             if step % cfg.train.log_every == 0 or step == steps:
                 elapsed = time.perf_counter() - started
                 remaining = (steps - step + (cfg.train.epochs - epoch - 1) * steps) * elapsed / step
-                log.info(
+                logger.info(
                     "epoch %d/%d step %d/%d loss %.4f lr %.3g %.1f img/s ETA %s",
                     epoch + 1,
                     cfg.train.epochs,
@@ -620,7 +621,7 @@ def _without_unused_aux_head(cfg: Config) -> Config:
     checkpoint's config says so (``model.aux_loss=false``), so loading and export see the same model."""
     if cfg.train.aux_weight > 0 or not cfg.model.aux_loss:
         return cfg
-    log.info("train.aux_weight=0: training without the auxiliary head (model.aux_loss=false)")
+    logger.info("train.aux_weight=0: training without the auxiliary head (model.aux_loss=false)")
     return cfg.model_copy(update={"model": cfg.model.model_copy(update={"aux_loss": False})})
 
 
@@ -718,7 +719,7 @@ def _sigterm_flag() -> Iterator[threading.Event]:
         return
 
     def request_stop(signum: int, _frame: Any) -> None:
-        log.warning("SIGTERM received: stopping at the next step boundary")
+        logger.warning("SIGTERM received: stopping at the next step boundary")
         stop.set()
 
     previous = signal.signal(signal.SIGTERM, request_stop)
@@ -762,10 +763,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         result = train(cfg)
     except TrainingInterrupted as exc:
-        log.warning("%s", exc)
+        logger.warning("%s", exc)
         return exc.exit_code
     except CitysegError as exc:
-        log.error("%s", exc)
+        logger.error("%s", exc)
         return 1
     if int(os.environ.get("RANK", 0)) == 0:
         print(json.dumps(asdict(result), indent=2))

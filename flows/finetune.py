@@ -22,6 +22,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from prefect.deployments import run_deployment
 from prefect.runtime import flow_run
 
+from components.cli import run_cli
 from components.config import Config, StageName, load_config
 from components.errors import ConfigError
 from components.storage import join
@@ -189,7 +190,7 @@ def finetune(recipe: str = "strong", overrides: list[str] | None = None) -> dict
     }
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m flows.finetune",
         description="Run the whole finetune flow locally "
@@ -198,6 +199,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--recipe", default="demo", help="recipe name (demo, paper, strong) or YAML path")
     parser.add_argument("overrides", nargs="*", help="config overrides such as train.epochs=2")
     args = parser.parse_args(argv)
+    return run_cli(lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> None:
     load_config(args.recipe, args.overrides)  # a clear ConfigError before Prefect starts
     # Show the components' progress (e.g. the streamed torchrun output) without other libraries' INFO noise.
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -219,4 +224,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
-from components.errors import CitysegError
+from components.cli import run_cli
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,13 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        _run(args)
-    except CitysegError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return run_cli(lambda: _run(args))
 
 
 def _run(args: argparse.Namespace) -> None:

@@ -13,12 +13,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from components.config import IGNORE_INDEX
 from components.errors import DataError
+from components.labels import IGNORE_INDEX, NUM_CLASSES
 
 IMAGE_SUFFIX = "_leftImg8bit.png"
 LABEL_SUFFIX = "_gtFine_labelTrainIds.png"
-NUM_TRAIN_IDS = 19
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _MAX_LISTED = 5
 
@@ -79,12 +78,12 @@ def split_pairs(root: str | Path, split: str) -> list[tuple[Path, Path]]:
 def check_label_values(label: np.ndarray, path: Path) -> None:
     """DataError unless every value is a trainId 0-18 or the ignore value 255."""
     # The invalid values are one range (19-254): OpenCV's inRange is ~30x faster than a lookup table.
-    bad = cv2.inRange(label, NUM_TRAIN_IDS, IGNORE_INDEX - 1)
+    bad = cv2.inRange(label, NUM_CLASSES, IGNORE_INDEX - 1)
     if cv2.countNonZero(bad):
         values = sorted(int(v) for v in np.unique(label[bad > 0]))[:10]
         raise DataError(
             f"{path} holds values {values} that are not trainIds "
-            f"(0-{NUM_TRAIN_IDS - 1}, {IGNORE_INDEX} = ignore): "
+            f"(0-{NUM_CLASSES - 1}, {IGNORE_INDEX} = ignore): "
             "regenerate it with `python -m components.data trainids`"
         )
 

@@ -12,7 +12,8 @@ import albumentations as A
 import cv2
 from albumentations.pytorch import ToTensorV2
 
-from components.config import IGNORE_INDEX, AugmentConfig
+from components.config import AugmentConfig
+from components.labels import IGNORE_INDEX
 
 
 def train_transform(augment: AugmentConfig) -> A.Compose:
