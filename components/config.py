@@ -179,6 +179,9 @@ class TrainConfig(_Strict):
     statistics far from the weights' real ones, so evaluation (which uses them) lags far behind."""
     amp: Literal["auto", "bf16", "none"] = "auto"
     """auto = bf16 autocast on CUDA, fp32 on CPU."""
+    dtype: Literal["float32", "float64"] = "float32"
+    """Parameter dtype. float64 (CPU, about 2x slower) shrinks rounding noise to ~1e-13, for checking
+    numerics, e.g. that N ranks train like one process (tests/test_train_ddp.py)."""
     channels_last: bool = True
     """Only takes effect on CUDA."""
     compile: bool = False

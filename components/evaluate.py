@@ -30,7 +30,6 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -41,6 +40,7 @@ from components.cli import run_cli
 from components.config import Config, load_config
 from components.data.cache import open_label_cache
 from components.data.fastpng import imread_unchanged
+from components.distributed import rank_world
 from components.errors import ConfigError, DataError
 from components.labels import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES
 from components.metrics import ConfusionMatrix, class_names, confusion_counts
@@ -63,7 +63,7 @@ VOC_TO_CITYSCAPES = {
 
 def eval_loader(dataset: Dataset, *, batch_size: int = 1, num_workers: int = 0) -> DataLoader:
     """A loader over this rank's shard (rank, rank+world, ...): every image scored exactly once."""
-    rank, world = _rank_world()
+    rank, world = rank_world()
     shard = Subset(dataset, range(rank, len(dataset), world)) if world > 1 else dataset
     return DataLoader(
         shard,
@@ -95,7 +95,7 @@ def evaluate_model(
     matrix = ConfusionMatrix(num_classes, device)
     was_training = model.training
     model.eval()
-    for images, labels in tqdm(loader, desc="evaluate", disable=_rank_world()[0] != 0, leave=False):
+    for images, labels in tqdm(loader, desc="evaluate", disable=rank_world()[0] != 0, leave=False):
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
         if resize is not None and tuple(labels.shape[-2:]) != tuple(resize):
@@ -167,7 +167,7 @@ def evaluate(
         "num_images": len(dataset),
         "model": model_uri or f"{baseline} ({model_cfg.model.backbone}, weights={model_cfg.model.weights})",
     }
-    if _rank_world()[0] != 0:
+    if rank_world()[0] != 0:
         return metrics
     out = Path(out_dir)
     write_reports(metrics, matrix, out)
@@ -383,12 +383,6 @@ def _log_to_mlflow(
     with mlflow_run(cfg, run_name, tags=tags) as run:
         log_all(None)
         return run.info.run_id
-
-
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,6 +17,7 @@ from typing import Any
 
 import mlflow
 import torch
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from components.config import Config
 
@@ -78,6 +79,29 @@ def mlflow_run(
             mlflow.log_params(cfg.flat())
             mlflow.log_text(cfg.to_yaml(), "config.yaml")
         yield run
+
+
+@contextmanager
+def training_run(cfg: Config, tags: Mapping[str, str], run_id: str | None = None) -> Iterator[Any]:
+    """The training job's run, continued when ``run_id`` is given (a resumed job).
+
+    With ``tracking.parent_run_id`` set (a pipeline run), a new run is created as that run's child.
+    """
+    parent = getattr(cfg.tracking, "parent_run_id", None)
+    if parent:
+        tags = {**tags, MLFLOW_PARENT_RUN_ID: parent}
+    with mlflow_run(cfg, f"train-{cfg.recipe}-{cfg.model.backbone}", tags, run_id=run_id) as run:
+        yield run
+
+
+def log_epoch(metrics: Mapping[str, Any], epoch: int) -> None:
+    """An epoch's scalar metrics at step ``epoch`` (1-based); per-class dicts are left to the summary."""
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items() if not isinstance(v, Mapping)}, step=epoch)
+
+
+def log_training_summary(summary: Mapping[str, Any]) -> None:
+    """The final result (checkpoints, best mIoU, last metrics) as the run's ``metrics.json``."""
+    mlflow.log_dict(dict(summary), "metrics.json")
 
 
 def environment_tags() -> dict[str, str]:

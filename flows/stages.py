@@ -22,9 +22,9 @@ from components.config import Config, DataConfig, load_config
 from components.data.prepare import dataset_fingerprint, prepare_dataset, prepared_root
 from components.evaluate import evaluate
 from components.export import export_onnx
+from components.launch import launch_training
 from components.registry import register_model
 from components.storage import atomic_path
-from components.train import launch_training
 from flows.secrets import cityscapes_credentials, export_aws_credentials
 
 logger = logging.getLogger(__name__)

@@ -12,9 +12,12 @@ import pytest
 import torch
 
 from components.config import Config, load_config
+from components.data.sampling import train_loader
+from components.data.transforms import check_crop_fits
 from components.errors import ConfigError
 from components.optim import build_optimizer, build_scheduler, lr_factor, param_groups
-from components.train import BatchPlan, check_crop_fits, plan_batches, result_path, train, train_loader
+from components.train import result_path, train
+from components.trainer import BatchPlan, plan_batches
 from tests.conftest import prepared_synthetic
 
 # Measured (2 cores, under load): baseline 0.0003, best val mIoU 0.174 after 30 epochs x 4 steps, 73 s.
