@@ -6,10 +6,11 @@ Layout under a checkpoint directory (local path or s3:// prefix)::
     epoch_0003.pt  epoch_0003.pt.sha256   # the last ``keep_last`` epochs
     best.pt        best.pt.sha256         # highest validation mIoU so far
 
-A checkpoint is a dict: ``model`` (state_dict, unwrapped from DDP), ``optimizer``, ``scheduler``,
-``scaler``, ``epoch`` (completed epochs), ``best_miou``, ``rng`` (torch/cuda/numpy/python states as
-tensors and lists), ``config`` (``Config.model_dump(mode="json")``) and ``metrics``. It loads with
-``torch.load(weights_only=True)``, so a checkpoint cannot run code.
+A training checkpoint is ``components.trainer.TrainState.to_checkpoint()``: ``model`` (state_dict,
+unwrapped from DDP), ``optimizer``, ``scheduler``, ``epoch`` (completed epochs), ``best_miou``,
+``best_epoch``, ``config`` (``Config.model_dump(mode="json")``), ``metrics`` and ``mlflow_run_id``. No
+grad scaler (bf16 autocast needs none) and no RNG state (every step reseeds, see ``components.trainer``).
+It loads with ``torch.load(weights_only=True)``, so a checkpoint cannot run code.
 """
 
 from __future__ import annotations

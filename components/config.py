@@ -3,7 +3,8 @@
     cfg = load_config("demo", ["train.epochs=3", "model.backbone=resnet101"])
 
 A recipe is a YAML file in ``components/recipes/`` (by name) or any YAML path; it only lists what
-differs from the defaults below. Unknown keys and bad values raise ``ConfigError`` naming the field.
+differs from the defaults below, which are the ``strong`` recipe's. Unknown keys and bad values raise
+``ConfigError`` naming the field.
 """
 
 from __future__ import annotations
@@ -134,7 +135,7 @@ class ModelConfig(_Strict):
 class OptimizerConfig(_Strict):
     name: Literal["sgd", "adam", "adamw"] = "sgd"
     """Optimizer: sgd (strong), adam (the paper) or adamw."""
-    lr: float = 0.01
+    lr: float = 0.02
     """Base learning rate (backbone); heads get lr x head_lr_mult."""
     momentum: float = 0.9
     """SGD momentum."""
@@ -146,7 +147,7 @@ class OptimizerConfig(_Strict):
     """constant, or poly: lr x (1 - iter/total)^poly_power, stepped per iteration."""
     poly_power: float = 0.9
     """Exponent of the polynomial decay."""
-    warmup_iters: int = 0
+    warmup_iters: int = 200
     """Linear warmup iterations before the schedule."""
     warmup_factor: float = 0.1
     """LR factor at the first warmup iteration."""

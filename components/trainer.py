@@ -151,11 +151,18 @@ def train_step(
 
 
 def pixel_loss_sum(outputs: dict[str, torch.Tensor], labels: torch.Tensor, aux_weight: float) -> torch.Tensor:
-    """Summed (not averaged) per-pixel cross-entropy, plus ``aux_weight`` x the auxiliary head's."""
-    loss = F.cross_entropy(outputs["out"].float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    """Summed (not averaged) per-pixel cross-entropy, plus ``aux_weight`` x the auxiliary head's.
+
+    bf16 logits are scored in fp32; fp32 and fp64 ones in their own precision.
+    """
+
+    def summed(logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+
+    loss = summed(outputs["out"])
     if aux_weight > 0:
-        aux = F.cross_entropy(outputs["aux"].float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
-        loss = loss + aux_weight * aux
+        loss = loss + aux_weight * summed(outputs["aux"])
     return loss
 
 
