@@ -5,10 +5,12 @@ pipeline (PIL decode of the full PNG + Resize/HFlip/Normalize every step), Adam.
 Ours: DDP, bf16 autocast, channels_last, fused Adam (``components.optim``), optionally ``torch.compile``,
 the decode-once cache with worker processes, pinned memory, persistent workers and prefetching.
 
-Both train the paper recipe's model (19-class heads, loss on ``out`` only, random weights: the speed
-does not depend on them) with its batch of 24 on one GPU, and are measured twice: end to end (input
-pipeline included) and step only (one batch kept on the GPU), images/s and peak memory. A batch that
-does not fit is split into micro-batches with gradient accumulation (reported).
+Both run the trainer's own ``components.trainer.train_step`` (the paper setup with its fp32,
+``nn.DataParallel`` and plain Adam) on the paper recipe's model (19-class heads, loss on ``out`` only,
+random weights: the speed does not depend on them) with its batch of 24 on one GPU, and are measured
+twice: end to end (input pipeline included) and step only (one batch kept on the GPU), images/s and
+peak memory. A batch that does not fit is split into micro-batches with gradient accumulation
+(reported). ``tests/test_bench.py`` runs this code on CPU at toy size.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, RandomSampler
@@ -34,9 +35,8 @@ from bench.input_pipeline import PaperDataset, paper_transform
 from components.config import Config, load_config
 from components.data.dataset import CityscapesSegmentation, worker_init_fn
 from components.data.transforms import train_transform
-from components.labels import IGNORE_INDEX
-from components.model import build_model
 from components.optim import build_optimizer
+from components.trainer import autocast_dtype, build_trainable_model, train_step, uses_channels_last
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +76,8 @@ def bench_gpu_training(
         device = "cuda"
     cfg = load_config("paper", ["model.weights=none", *overrides])
     results: dict[str, Measurement] = {}
-    setups = ("paper", "ours", "ours+autotune")
+    # cuDNN autotuning exists on CUDA only: elsewhere that setup would repeat "ours".
+    setups = ("paper", "ours", "ours+autotune") if device == "cuda" else ("paper", "ours")
     runs = [(setup, mode) for setup in setups for mode in ("end to end", "step only")]
     if compile_model:  # compiling takes minutes: end to end only
         runs.append(("ours+autotune+compile", "end to end"))
@@ -164,23 +165,21 @@ def _run(
 ) -> Measurement:
     ours = setup.startswith("ours")
     batch = cfg.train.global_batch_size
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model)
-    model.aux_classifier.requires_grad_(False)  # the paper trains on `out` only (as components.train)
-    model = model.to(device)
-    memory_format = torch.channels_last if ours and device.type == "cuda" else torch.contiguous_format
-    model = model.to(memory_format=memory_format)
+    # The trainer's own model set-up (seeded, dropout/BatchNorm settings); channels_last for ours only.
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"channels_last": ours})})
+    model = build_trainable_model(cfg, device, world_size=1)
+    memory_format = torch.channels_last if uses_channels_last(cfg, device) else torch.contiguous_format
     # "autotune" = train.deterministic=false: cuDNN picks the fastest kernels (components.train does too).
     torch.backends.cudnn.benchmark = "autotune" in setup
+    ddp: DistributedDataParallel | None = None
     if ours:
         optimizer = build_optimizer(model, cfg.optimizer, device)
-        net: nn.Module = DistributedDataParallel(
-            model, device_ids=[device] if device.type == "cuda" else None
-        )
+        ddp = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+        net: nn.Module = ddp
         if "compile" in setup:
             net = torch.compile(net)
-        autocast = torch.bfloat16
-    else:
+        autocast = autocast_dtype(cfg, device)  # the trainer's: bf16 on CUDA
+    else:  # the paper's: plain Adam, nn.DataParallel, fp32
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optimizer.lr)
         net = nn.DataParallel(model)
         autocast = None
@@ -189,13 +188,17 @@ def _run(
     def step(images: torch.Tensor, labels: torch.Tensor) -> None:
         images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
         labels = labels.to(device, non_blocking=True)
-        for image_chunk, label_chunk in zip(images.split(micro), labels.split(micro), strict=True):
-            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-                logits = net(image_chunk)["out"]
-            loss = F.cross_entropy(logits.float(), label_chunk, ignore_index=IGNORE_INDEX)
-            (loss * len(image_chunk) / batch).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(
+            net,
+            optimizer,
+            None,
+            images,
+            labels,
+            micro_batch=micro,
+            aux_weight=cfg.train.aux_weight,
+            autocast_dtype=autocast,
+            ddp=ddp,
+        )
 
     batches = _batches(cfg, root, ours, batch, steps + warmup + 2, step_only)
     for _ in range(warmup):
