@@ -20,7 +20,7 @@ from components.train import result_path, train
 from components.trainer import BatchPlan, plan_batches
 from tests.conftest import prepared_synthetic
 
-# Measured (2 cores, under load): baseline 0.0003, best val mIoU 0.174 after 30 epochs x 4 steps, 73 s.
+# Measured (2 cores): baseline 0.0003-0.008, best val mIoU 0.174-0.216 after 30 epochs x 4 steps, 73 s idle.
 EPOCHS, VAL_EVERY, BAR = 30, 10, 0.15
 
 
