@@ -250,6 +250,9 @@ class TrackingConfig(_Strict):
     tracking server's default (proxied mode)."""
     system_metrics: bool = True
     """Log CPU/GPU utilisation to MLflow (psutil, pynvml)."""
+    parent_run_id: str | None = None
+    """Start runs as children of this MLflow run: the ``finetune`` flow sets it to its pipeline run for
+    every stage, so one pipeline run is one parent with baseline, training and fine-tuned children."""
 
 
 class ExportConfig(_Strict):

@@ -10,8 +10,8 @@ Baselines, evaluated the same way:
   * ``zero-shot`` - torchvision's COCO/VOC model with its own 21-class head, VOC classes mapped onto
     Cityscapes trainIds; every other VOC class is "no prediction" (a miss for the pixel's class).
 
-    python -m components.evaluate --model runs/train/best.pt --data data/cityscapes
-    python -m components.evaluate --baseline zero-shot --data data/cityscapes --recipe paper
+    python -m components.evaluate --model runs/train/best.pt data.root=data/cityscapes
+    python -m components.evaluate --baseline zero-shot --recipe paper data.root=data/cityscapes
     python -m components.evaluate --predictions preds/ --data data/cityscapes --out metrics.json
 """
 
@@ -125,17 +125,17 @@ def predict_trainids(
 def evaluate(
     cfg: Config,
     model_uri: str | None,
-    data_root: str,
     out_dir: str,
     baseline: str | None = None,
     run_name: str | None = None,
     *,
     log_to_mlflow: bool = True,
 ) -> dict[str, Any]:
-    """Evaluate a checkpoint/URI or a baseline on the val split; write reports to ``out_dir``; log to MLflow.
+    """Evaluate a checkpoint/URI or a baseline on ``cfg.data.root``'s val split; write reports to ``out_dir``.
 
-    Inside an active MLflow run (e.g. the trainer's) metrics and files go into that run; otherwise a new
-    run is started in the configured experiment. Returns metrics.json's content plus ``mlflow_run_id``.
+    With ``log_to_mlflow`` the reports go to MLflow through :func:`components.tracking.log_evaluation`
+    (into an active run, e.g. the trainer's, else a run of its own). Returns metrics.json's content plus
+    ``mlflow_run_id``.
     """
     from components.data.dataset import CityscapesSegmentation
     from components.data.transforms import eval_transform
@@ -149,7 +149,8 @@ def evaluate(
     model.to(device)
     num_classes = NUM_CLASSES if prediction_map is not None else model_cfg.model.num_classes
     resize = cfg.evaluate.resize
-    dataset = CityscapesSegmentation(data_root, "val", transform=eval_transform(model_cfg.augment, resize))
+    transform = eval_transform(model_cfg.augment, resize)
+    dataset = CityscapesSegmentation(cfg.data.root, "val", transform=transform)
     loader = eval_loader(dataset, batch_size=cfg.evaluate.batch_size, num_workers=cfg.data.num_workers)
     autocast_dtype = torch.bfloat16 if device.type == "cuda" and cfg.train.amp != "none" else None
     matrix = evaluate_model(
@@ -176,8 +177,11 @@ def evaluate(
         _write_overlay(model, dataset, i, out / "overlays", device, autocast_dtype, prediction_map)
     metrics["mlflow_run_id"] = None
     if log_to_mlflow:
+        from components import tracking
+
+        tags = {"baseline": baseline or "none", "model_uri": model_uri or "", "protocol": metrics["protocol"]}
         name = run_name or f"eval-{baseline or Path(model_uri).name}"
-        metrics["mlflow_run_id"] = _log_to_mlflow(cfg, metrics, out, name, baseline, model_uri)
+        metrics["mlflow_run_id"] = tracking.log_evaluation(cfg, mlflow_metrics(metrics), out, name, tags)
     return metrics
 
 
@@ -354,35 +358,6 @@ def _write_overlay(
     plots.save_overlay(image, ground_truth, pred, directory / f"{_frame_key(image_path)}.png")
 
 
-def _log_to_mlflow(
-    cfg: Config,
-    metrics: Mapping[str, Any],
-    out: Path,
-    run_name: str,
-    baseline: str | None,
-    model_uri: str | None,
-) -> str:
-    import mlflow
-
-    from components.tracking import mlflow_run
-
-    def log_all(artifact_path: str | None) -> None:
-        mlflow.log_metrics(mlflow_metrics(metrics))
-        mlflow.log_artifacts(str(out), artifact_path)
-
-    active = mlflow.active_run()
-    if active is not None:
-        log_all("evaluation")
-        return active.info.run_id
-    tags = {
-        "stage": "evaluation",
-        "baseline": baseline or "none",
-        "model_uri": model_uri or "",
-        "protocol": metrics["protocol"],
-    }
-    with mlflow_run(cfg, run_name, tags=tags) as run:
-        log_all(None)
-        return run.info.run_id
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -394,7 +369,9 @@ def main(argv: list[str] | None = None) -> int:
     what.add_argument("--model", help="checkpoint path, s3:// URI or models:/name@alias")
     what.add_argument("--baseline", choices=BASELINES, help="evaluate a baseline instead of a trained model")
     what.add_argument("--predictions", help="directory of trainId PNGs named <city>_<seq>_<frame>*.png")
-    parser.add_argument("--data", required=True, help="prepared dataset root (leftImg8bit/, gtFine/)")
+    parser.add_argument(
+        "--data", help="prepared dataset root (leftImg8bit/, gtFine/); same as data.root=... (default: that)"
+    )
     parser.add_argument("--split", default="val", help="split to score with --predictions (default: val)")
     parser.add_argument("--recipe", default="strong", help="recipe name or YAML path (default: strong)")
     parser.add_argument("--out", help="output directory (metrics.json path with --predictions)")
@@ -406,19 +383,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> None:
+    overrides = [*args.overrides, *([f"data.root={args.data}"] if args.data else [])]
+    cfg = load_config(args.recipe, overrides)
     if args.predictions:
-        metrics = score_predictions(args.predictions, args.data, args.split)
+        metrics = score_predictions(args.predictions, cfg.data.root, args.split)
         out = Path(args.out or "metrics.json")
         with atomic_path(out) as tmp:
             tmp.write_text(json.dumps(metrics, indent=2) + "\n")
     else:
-        cfg = load_config(args.recipe, args.overrides)
         name = args.baseline or Path(args.model).stem
         out = Path(args.out or Path(cfg.run_dir) / "evaluate" / name)
         metrics = evaluate(
             cfg,
             args.model,
-            args.data,
             str(out),
             args.baseline,
             args.run_name,

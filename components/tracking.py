@@ -1,15 +1,22 @@
-"""MLflow plumbing shared by training and evaluation. Only rank 0 calls into here.
+"""MLflow in one home: components compute and write files, this module logs them. Only rank 0 calls in.
 
 The tracking URI comes from the config, then ``MLFLOW_TRACKING_URI``, then a SQLite store in the
 run directory (``mlflow ui --backend-store-uri sqlite:///runs/demo/mlflow.db`` browses it).
+
+One pipeline run (the ``finetune`` flow) is one parent run (:func:`start_pipeline_run`); every run started
+with :func:`mlflow_run` under a config whose ``tracking.parent_run_id`` is set is its child (baseline
+evaluation, training, fine-tuned evaluation), so pipeline runs compare side by side in the MLflow UI.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import os
 import platform
 import subprocess
+import time
+import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,9 +24,14 @@ from typing import Any
 
 import mlflow
 import torch
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunStatus
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID
 
 from components.config import Config
+from components.data.layout import IMAGE_SUFFIX
+from components.data.prepare import dataset_fingerprint
 
 
 def configure(cfg: Config) -> str:
@@ -64,6 +76,8 @@ def mlflow_run(
 ) -> Iterator[Any]:
     """Start a run with the flattened config as params and the code/environment as tags.
 
+    The run is a child of ``cfg.tracking.parent_run_id`` when that is set (a stage of a pipeline run).
+
     With ``run_id`` the existing run is continued instead (a resumed training job): its params and
     ``config.yaml`` were logged when it started and MLflow params cannot change, so only tags are set.
     """
@@ -72,6 +86,7 @@ def mlflow_run(
     with mlflow.start_run(
         run_id=run_id,
         run_name=None if run_id else run_name,
+        parent_run_id=None if run_id else cfg.tracking.parent_run_id,  # a continued run keeps its parent
         tags=all_tags,
         log_system_metrics=cfg.tracking.system_metrics,
     ) as run:
@@ -83,14 +98,11 @@ def mlflow_run(
 
 @contextmanager
 def training_run(cfg: Config, tags: Mapping[str, str], run_id: str | None = None) -> Iterator[Any]:
-    """The training job's run, continued when ``run_id`` is given (a resumed job).
-
-    With ``tracking.parent_run_id`` set (a pipeline run), a new run is created as that run's child.
-    """
-    parent = getattr(cfg.tracking, "parent_run_id", None)
-    if parent:
-        tags = {**tags, MLFLOW_PARENT_RUN_ID: parent}
+    """The training job's run (a child of ``tracking.parent_run_id`` when set), continued when ``run_id``
+    is given (a resumed job); a new run records the dataset it trains on."""
     with mlflow_run(cfg, f"train-{cfg.recipe}-{cfg.model.backbone}", tags, run_id=run_id) as run:
+        if run_id is None:
+            log_dataset(cfg, "training")
         yield run
 
 
@@ -136,3 +148,118 @@ def git_commit() -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return result.stdout.strip() or "unknown"
+
+
+# --- pipeline (parent) runs, evaluation runs, dataset inputs ---------------------------------------
+
+
+def start_pipeline_run(cfg: Config, run_name: str, tags: Mapping[str, str] | None = None) -> str:
+    """Create the parent run of one pipeline run (config as params, not made active); returns its id.
+
+    Not made the active run: stages run in other processes or containers and start their child runs from
+    the id alone (``tracking.parent_run_id=<id>``). End it with :func:`end_pipeline_run`.
+    """
+    configure(cfg)
+    client = mlflow.MlflowClient()
+    experiment_id = mlflow.get_experiment_by_name(cfg.tracking.experiment).experiment_id
+    all_tags = {**environment_tags(), "recipe": cfg.recipe, "backbone": cfg.model.backbone, **(tags or {})}
+    if cfg.tracking.parent_run_id:  # itself one step of a larger run
+        all_tags[MLFLOW_PARENT_RUN_ID] = cfg.tracking.parent_run_id
+    run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
+    run_id = run.info.run_id
+    params = [Param(key, str(value)) for key, value in cfg.flat().items()]
+    for start in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
+        client.log_batch(run_id, params=params[start : start + 100])
+    client.log_text(run_id, cfg.to_yaml(), "config.yaml")
+    return run_id
+
+
+def end_pipeline_run(
+    cfg: Config, run_id: str, metrics: Mapping[str, float] | None = None, *, failed: bool = False
+) -> None:
+    """Log the pipeline's summary metrics on its parent run and close it (FINISHED, or FAILED)."""
+    configure(cfg)
+    client = mlflow.MlflowClient()
+    if metrics:
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(key, value, now, 0) for key, value in metrics.items()])
+    client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED if failed else RunStatus.FINISHED))
+
+
+def run_url(cfg: Config, ui_url: str, run_id: str) -> str:
+    """The MLflow UI page of a run."""
+    experiment_id = mlflow.MlflowClient(cfg.resolved_tracking_uri()).get_run(run_id).info.experiment_id
+    return f"{ui_url}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def log_evaluation(
+    cfg: Config,
+    metrics: Mapping[str, float],
+    reports: Path,
+    run_name: str,
+    tags: Mapping[str, str],
+) -> str:
+    """Log an evaluation's metrics, report files and dataset; returns the run id.
+
+    Inside an active run (e.g. the trainer's) everything goes into it, files under ``evaluation/``;
+    otherwise a run of its own is started (a child of ``tracking.parent_run_id`` when set).
+    """
+    active = mlflow.active_run()
+    if active is not None:
+        mlflow.log_metrics(dict(metrics))
+        mlflow.log_artifacts(str(reports), "evaluation")
+        return active.info.run_id
+    with mlflow_run(cfg, run_name, tags={"stage": "evaluation", **tags}) as run:
+        mlflow.log_metrics(dict(metrics))
+        mlflow.log_artifacts(str(reports))
+        log_dataset(cfg, "evaluation")
+        return run.info.run_id
+
+
+class _SplitDataset(MetaDataset):
+    """A dataset known by name, fingerprint and source, with its split sizes as the profile."""
+
+    def __init__(self, source: Any, name: str, digest: str, splits: Mapping[str, int]) -> None:
+        self._splits = dict(splits)
+        super().__init__(source, name=name, digest=digest)
+
+    @property
+    def profile(self) -> dict[str, int]:
+        return {f"{split}_images": count for split, count in self._splits.items()}
+
+    def to_dict(self) -> dict[str, str]:
+        return {**super().to_dict(), "profile": json.dumps(self.profile)}  # MetaDataset leaves it out
+
+
+def dataset_input(cfg: Config, fingerprint: str) -> MetaDataset:
+    """The prepared dataset in ``cfg.data.root`` as an MLflow dataset.
+
+    Name ``cityscapes`` (``cityscapes-synthetic`` for generated data); digest = the first 32 hex digits
+    of ``fingerprint`` (MLflow stores at most 36 characters); source = ``data.uri`` where the data came
+    from one, else the root; profile = images per split.
+    """
+    root = Path(cfg.data.root)
+    splits = {
+        split.name: sum(1 for _ in split.glob(f"*/*{IMAGE_SUFFIX}"))
+        for split in sorted((root / "leftImg8bit").glob("*"))
+        if split.is_dir()
+    }
+    with warnings.catch_warnings():  # a local path matches MLflow's local source twice; either is right
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(cfg.data.uri or str(root.resolve()))
+    name = "cityscapes-synthetic" if cfg.data.source == "synthetic" else "cityscapes"
+    return _SplitDataset(source, name, fingerprint[:32], splits)
+
+
+def log_dataset(cfg: Config, context: str, run_id: str | None = None) -> None:
+    """Record ``cfg.data.root``'s dataset as an input of ``run_id`` or the active run (the UI's Datasets).
+
+    ``context`` says what the run did with it (``training``, ``evaluation``, ``pipeline``); the full
+    :func:`~components.data.prepare.dataset_fingerprint` is an input tag beside the shortened digest.
+    """
+    fingerprint = dataset_fingerprint(cfg.data.root)
+    tags = [InputTag("fingerprint", fingerprint), InputTag(MLFLOW_DATASET_CONTEXT, context)]
+    dataset = DatasetInput(dataset_input(cfg, fingerprint)._to_mlflow_entity(), tags=tags)
+    if run_id is None:  # the run mlflow_run(cfg, ...) started
+        run_id = mlflow.active_run().info.run_id
+    mlflow.MlflowClient(cfg.resolved_tracking_uri()).log_inputs(run_id, datasets=[dataset])

@@ -7,6 +7,10 @@ Run it locally (temporary Prefect server, SQLite MLflow in the recipe's run_dir,
 Deployed (deploy/prefect.yaml) users run ``prefect deployment run finetune/cityscapes``. Stages listed in
 ``orchestration.stage_deployments`` run through ``run_deployment`` in their own containers/pools; the
 others run in-process as subflows. Stages exchange URIs, never large objects.
+
+Each flow run is one MLflow parent run (named like the flow run); the stages' MLflow runs (baseline
+evaluation, training, fine-tuned evaluation) are its children: the flow hands them its id as the
+override ``tracking.parent_run_id=<id>``, and the dataset as ``data.root=<prepared root>``.
 """
 
 from __future__ import annotations
@@ -14,14 +18,20 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 from typing import Any
 
-from mlflow import MlflowClient
 from prefect import Flow, flow, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.deployments import run_deployment
 from prefect.runtime import flow_run
+from prefect.settings import (
+    PREFECT_SERVER_ANALYTICS_ENABLED,
+    PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+    temporary_settings,
+)
 
+from components import tracking
 from components.cli import run_cli
 from components.config import Config, StageName, load_config
 from components.errors import ConfigError
@@ -96,7 +106,7 @@ def publish_artifacts(
     trained: dict[str, Any],
     registered: dict[str, Any],
 ) -> None:
-    """The flow run's Prefect artifacts: IoU table, links to the MLflow run and the model version."""
+    """The flow run's Prefect artifacts: IoU table, links to the MLflow runs and the model version."""
     create_table_artifact(
         iou_table(baseline, finetuned),
         key="iou-baseline-vs-finetuned",
@@ -104,10 +114,15 @@ def publish_artifacts(
         f"{cfg.model.backbone} ({cfg.recipe} recipe)",
     )
     ui = mlflow_ui_url(cfg)
-    run_id = trained["mlflow_run_id"]
-    experiment_id = MlflowClient(cfg.resolved_tracking_uri()).get_run(run_id).info.experiment_id
+    pipeline_run_id = cfg.tracking.parent_run_id
     create_link_artifact(
-        f"{ui}/#/experiments/{experiment_id}/runs/{run_id}",
+        tracking.run_url(cfg, ui, pipeline_run_id),
+        link_text=f"MLflow pipeline run {pipeline_run_id}",
+        key="mlflow-pipeline-run",
+    )
+    run_id = trained["mlflow_run_id"]
+    create_link_artifact(
+        tracking.run_url(cfg, ui, run_id),
         link_text=f"MLflow training run {run_id}",
         key="mlflow-training-run",
     )
@@ -130,37 +145,46 @@ def finetune(recipe: str = "strong", overrides: list[str] | None = None) -> dict
     """The whole pipeline for one config (a recipe name or YAML path plus ``section.key=value`` overrides)."""
     overrides = list(overrides or [])
     cfg = load_config(recipe, overrides)  # invalid configs fail here, before any work
-    config = {"recipe": recipe, "overrides": overrides}
-    work_dir = join(cfg.run_dir, "flow-runs", str(flow_run.id))
+    pipeline_run_id = tracking.start_pipeline_run(
+        cfg, flow_run.name or cfg.recipe, tags={"prefect_flow_run_id": str(flow_run.id)}
+    )
+    try:
+        summary = _pipeline(cfg, recipe, [*overrides, f"tracking.parent_run_id={pipeline_run_id}"])
+    except BaseException:
+        tracking.end_pipeline_run(cfg, pipeline_run_id, failed=True)
+        raise
+    tracking.end_pipeline_run(
+        cfg,
+        pipeline_run_id,
+        {"baseline_val_miou": summary["baseline_miou"], "finetuned_val_miou": summary["finetuned_miou"]},
+    )
+    return {**summary, "mlflow_run_id": pipeline_run_id}
 
-    prepared = run_stage(cfg, "prepare", prepare_data, **config)
+
+def _pipeline(cfg: Config, recipe: str, overrides: list[str]) -> dict[str, Any]:
+    """The stages in order; ``overrides`` name the parent MLflow run, the prepared root is added here."""
+    work_dir = join(cfg.run_dir, "flow-runs", str(flow_run.id))
+    prepared = run_stage(cfg, "prepare", prepare_data, recipe=recipe, overrides=overrides)
     data_root = prepared["root"]
-    config["overrides"] = [*overrides, f"data.root={data_root}"]
+    config = {"recipe": recipe, "overrides": [*overrides, f"data.root={data_root}"]}
+    cfg = load_config(recipe, config["overrides"])
+    tracking.log_dataset(cfg, "pipeline", run_id=cfg.tracking.parent_run_id)
 
     baseline = run_stage(
         cfg,
         "evaluate",
         evaluate_stage,
         **config,
-        data_root=data_root,
         out_dir=join(work_dir, "baseline"),
         baseline=cfg.evaluate.baseline,
     )
     trained = run_stage(cfg, "train", train_stage, **config)
     best = trained["best_checkpoint"]
     finetuned = run_stage(
-        cfg,
-        "evaluate",
-        evaluate_stage,
-        **config,
-        data_root=data_root,
-        out_dir=join(work_dir, "finetuned"),
-        model_uri=best,
+        cfg, "evaluate", evaluate_stage, **config, out_dir=join(work_dir, "finetuned"), model_uri=best
     )
     onnx_path = join(work_dir, "model.onnx")
-    run_stage(
-        cfg, "export", export_stage, **config, checkpoint_uri=best, out_path=onnx_path, data_root=data_root
-    )
+    run_stage(cfg, "export", export_stage, **config, checkpoint_uri=best, out_path=onnx_path)
     registered = run_stage(
         cfg,
         "register",
@@ -208,7 +232,8 @@ def _run(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name in ("components", "flows"):
         logging.getLogger(name).setLevel(logging.INFO)
-    summary = finetune(recipe=args.recipe, overrides=args.overrides)
+    with temporary_settings(_temporary_server_settings()):
+        summary = finetune(recipe=args.recipe, overrides=args.overrides)
     aliases = ", ".join(summary["aliases"]) or "none"
     tracking_uri = summary["tracking_uri"]
     print(
@@ -221,6 +246,17 @@ def _run(args: argparse.Namespace) -> None:
         f"--model models:/{summary['model_name']}@champion --input {summary['data_root']}/leftImg8bit/val "
         f"--output {summary['run_dir']}/predictions"
     )
+
+
+def _temporary_server_settings() -> dict[Any, Any]:
+    """Settings for the temporary Prefect server that the CLI starts when PREFECT_API_URL is unset.
+
+    Its usage telemetry is off: without internet the heartbeat prints a traceback into a run where nothing
+    failed. Its start-up may take 120 s instead of 20: a busy 2-core machine needs more than 20. Settings
+    the user exported win.
+    """
+    wanted = {PREFECT_SERVER_ANALYTICS_ENABLED: False, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 120}
+    return {setting: value for setting, value in wanted.items() if setting.name not in os.environ}
 
 
 if __name__ == "__main__":

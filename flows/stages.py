@@ -109,24 +109,23 @@ def prepare_data(recipe: str, overrides: list[str] | None = None) -> dict[str, s
 
 @task(name="evaluate")
 def evaluate_task(
-    cfg: Config, model_uri: str | None, data_root: str, out_dir: str, baseline: str | None, run_name: str
+    cfg: Config, model_uri: str | None, out_dir: str, baseline: str | None, run_name: str
 ) -> dict[str, Any]:
-    return evaluate(cfg, model_uri, data_root, out_dir, baseline=baseline, run_name=run_name)
+    return evaluate(cfg, model_uri, out_dir, baseline=baseline, run_name=run_name)
 
 
 @flow(name="evaluate", persist_result=True)
 def evaluate_stage(
     recipe: str,
     overrides: list[str] | None,
-    data_root: str,
     out_dir: str,
     model_uri: str | None = None,
     baseline: str | None = None,
 ) -> dict[str, Any]:
-    """Score a model URI (or a named baseline) on the val split; returns metrics.json's content."""
+    """Score a model URI (or a named baseline) on ``data.root``'s val split; returns metrics.json."""
     cfg = stage_config(recipe, overrides)
     run_name = f"baseline-{baseline}" if baseline else "finetuned"
-    return _with_retries(cfg, evaluate_task)(cfg, model_uri, data_root, out_dir, baseline, run_name)
+    return _with_retries(cfg, evaluate_task)(cfg, model_uri, out_dir, baseline, run_name)
 
 
 # --- training (GPU pool) --------------------------------------------------------------------------
@@ -146,17 +145,17 @@ def train_stage(recipe: str, overrides: list[str] | None = None) -> dict[str, An
 
 
 @task(name="export-onnx")
-def export_task(cfg: Config, checkpoint_uri: str, out_path: str, data_root: str) -> dict[str, Any]:
-    return _as_dict(export_onnx(checkpoint_uri, out_path, data_root, cfg))
+def export_task(cfg: Config, checkpoint_uri: str, out_path: str) -> dict[str, Any]:
+    return _as_dict(export_onnx(checkpoint_uri, out_path, cfg.data.root, cfg))
 
 
 @flow(name="export-onnx", persist_result=True)
 def export_stage(
-    recipe: str, overrides: list[str] | None, checkpoint_uri: str, out_path: str, data_root: str
+    recipe: str, overrides: list[str] | None, checkpoint_uri: str, out_path: str
 ) -> dict[str, Any]:
-    """Export the checkpoint to ONNX; the parity gate rejects (ExportError) a model that drifts."""
+    """Export the checkpoint to ONNX (parity gate on ``data.root``'s val images; ExportError if it drifts)."""
     cfg = stage_config(recipe, overrides)
-    return _with_retries(cfg, export_task)(cfg, checkpoint_uri, out_path, data_root)
+    return _with_retries(cfg, export_task)(cfg, checkpoint_uri, out_path)
 
 
 # --- registration (CPU or GPU pool) ---------------------------------------------------------------

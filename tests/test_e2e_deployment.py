@@ -27,6 +27,7 @@ SENTINELS = [CITYSCAPES_PASSWORD_SENTINEL, TEST_CREDENTIALS["AWS_SECRET_ACCESS_K
 MODEL_NAME = "e2e-cityscapes-deeplabv3"
 ARTIFACT_KEYS = [
     "iou-baseline-vs-finetuned",
+    "mlflow-pipeline-run",
     "mlflow-training-run",
     "registered-model-version",
     "finetune-summary",
@@ -202,10 +203,12 @@ def test_deployed_flow_end_to_end(stack: Stack) -> None:
     by_name: dict[str, list[Any]] = {}
     for mlflow_run in runs:
         by_name.setdefault(mlflow_run.info.run_name, []).append(mlflow_run)
+    (pipeline_run,) = by_name[parent.name]  # the flow run's MLflow run: the stages' runs are its children
     for name in ("baseline-paper-baseline", "finetuned"):
         assert len(by_name.get(name, [])) == 1, sorted(by_name)
         for mlflow_run in by_name[name]:
             assert 0.0 <= mlflow_run.data.metrics["val_miou"] <= 1.0
+            assert mlflow_run.data.tags["mlflow.parentRunId"] == pipeline_run.info.run_id
     champion = client.get_model_version_by_alias(MODEL_NAME, "champion")
     assert champion.version == "1"
     s3 = boto3.client(

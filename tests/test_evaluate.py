@@ -75,9 +75,9 @@ def _saved_predictions(checkpoint: str, root: Path, out: Path) -> None:
 def test_evaluate_writes_reports_and_mlflow_run(
     synthetic_root: Path, tmp_path: Path, checkpoint: str, tracking_uri: str
 ) -> None:
-    cfg = _cfg(tmp_path, tracking_uri)
+    cfg = _cfg(tmp_path, tracking_uri, f"data.root={synthetic_root}")
     out = tmp_path / "eval"
-    metrics = evaluate(cfg, checkpoint, str(synthetic_root), str(out), run_name="eval-test")
+    metrics = evaluate(cfg, checkpoint, str(out), run_name="eval-test")
 
     on_disk = json.loads((out / "metrics.json").read_text())
     assert on_disk["protocol"] == "official" and on_disk["num_images"] == 4
@@ -110,8 +110,9 @@ def test_evaluate_writes_reports_and_mlflow_run(
 def test_resized_protocol_is_labelled_and_baselines(
     synthetic_root: Path, tmp_path: Path, tracking_uri: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    cfg = _cfg(tmp_path, tracking_uri, "evaluate.resize=[32,64]", "evaluate.num_overlays=0")
-    metrics = evaluate(cfg, None, str(synthetic_root), str(tmp_path / "paper"), baseline="paper-baseline")
+    data = f"data.root={synthetic_root}"
+    cfg = _cfg(tmp_path, tracking_uri, data, "evaluate.resize=[32,64]", "evaluate.num_overlays=0")
+    metrics = evaluate(cfg, None, str(tmp_path / "paper"), baseline="paper-baseline")
     assert metrics["protocol"] == "resized 32x64"
     logged = mlflow.get_run(metrics["mlflow_run_id"]).data.metrics
     assert logged["val_resized_32x64_miou"] == pytest.approx(metrics["miou"])
@@ -119,9 +120,8 @@ def test_resized_protocol_is_labelled_and_baselines(
 
     with caplog.at_level(logging.WARNING, logger="components.evaluate"):
         zero_shot = evaluate(
-            _cfg(tmp_path, tracking_uri, "evaluate.num_overlays=0"),
+            _cfg(tmp_path, tracking_uri, data, "evaluate.num_overlays=0"),
             None,
-            str(synthetic_root),
             str(tmp_path / "zero"),
             baseline="zero-shot",
             log_to_mlflow=False,

@@ -1,14 +1,19 @@
 """Flow logic against a real (temporary) Prefect server: config validation, skipped data preparation,
-secrets, the artifacts' IoU table."""
+secrets, the artifacts' IoU table; the whole flow through its CLI: one MLflow parent run per pipeline
+run with the stages as children, and a clean console."""
 
 from __future__ import annotations
 
 import math
 import os
+import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from uuid import UUID
 
+import mlflow
 import pytest
 from prefect.blocks.system import Secret
 from prefect.client.orchestration import get_client
@@ -21,6 +26,8 @@ from components.errors import ConfigError
 from flows.finetune import finetune, iou_table, mlflow_ui_url
 from flows.secrets import cityscapes_credentials, export_aws_credentials
 from flows.stages import prepare_data
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="session")
@@ -129,3 +136,62 @@ def test_mlflow_ui_url(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     )
     cfg = load_config("demo", ["orchestration.mlflow_ui_url=https://mlflow.example.org/"])
     assert mlflow_ui_url(cfg) == "https://mlflow.example.org"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_flow_cli_makes_one_parent_mlflow_run_and_prints_no_error(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    overrides = [
+        *_tiny_data(tmp_path / "data"),
+        f"run_dir={tmp_path / 'run'}",
+        f"tracking.tracking_uri={uri}",
+        "tracking.system_metrics=false",
+        "data.num_workers=0",
+        "augment.crop=[64, 128]",
+        "train.epochs=1",
+        "train.global_batch_size=2",
+        "export.parity_sizes=[[64, 128], [32, 64]]",
+        "export.parity_images=1",
+        "evaluate.num_overlays=1",
+    ]
+    # As `make demo` runs it: no Prefect server configured, so the CLI starts a temporary one.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    result = subprocess.run(
+        [sys.executable, "-m", "flows.finetune", "--recipe", "demo", *overrides],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=540, check=False,
+    )  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "Registered cityscapes-deeplabv3 version 1" in result.stdout
+    noise = [line for line in output.splitlines() if "Traceback" in line or re.search(r"\bERROR\b", line)]
+    assert not noise, output
+
+    # One parent run per pipeline run; the stages' runs are its children and record the dataset.
+    client = mlflow.MlflowClient(uri)
+    experiment = client.get_experiment_by_name("cityscapes-deeplabv3")
+    runs = client.search_runs([experiment.experiment_id])
+    (parent,) = [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
+    assert parent.info.run_name == "demo-mobilenet_v3_large" and parent.info.status == "FINISHED"
+    children = {
+        run.info.run_name: run
+        for run in runs
+        if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+    }
+    assert set(children) == {"baseline-paper-baseline", "train-demo-mobilenet_v3_large", "finetuned"}
+    assert len(runs) == 4
+    assert parent.data.metrics["finetuned_val_miou"] == children["finetuned"].data.metrics["val_miou"]
+    assert (
+        parent.data.metrics["baseline_val_miou"]
+        == children["baseline-paper-baseline"].data.metrics["val_miou"]
+    )
+    fingerprint = dataset_fingerprint(tmp_path / "data")
+    for run, context in [
+        (parent, "pipeline"),
+        (children["baseline-paper-baseline"], "evaluation"),
+        (children["finetuned"], "evaluation"),
+    ]:
+        (recorded,) = run.inputs.dataset_inputs
+        assert recorded.dataset.digest == fingerprint[:32]
+        assert {tag.key: tag.value for tag in recorded.tags}["mlflow.data.context"] == context

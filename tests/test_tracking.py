@@ -1,3 +1,5 @@
+import json
+
 import mlflow
 import pytest
 
@@ -35,3 +37,40 @@ def test_direct_s3_mode_writes_artifacts_to_the_bucket(tmp_path, s3_endpoint, mo
     keys = [obj["Key"] for obj in storage.s3_client().list_objects_v2(Bucket="direct")["Contents"]]
     assert f"mlflow/{run.info.run_id}/artifacts/note.txt" in keys
     assert f"mlflow/{run.info.run_id}/artifacts/config.yaml" in keys
+
+
+def test_pipeline_run_is_the_parent_of_stage_runs_that_record_the_dataset(tmp_path, synthetic_root):
+    from components.data.prepare import dataset_fingerprint
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    common = [f"run_dir={tmp_path}", f"tracking.tracking_uri={uri}", "tracking.system_metrics=false"]
+    cfg = load_config("demo", [*common, f"data.root={synthetic_root}"])
+    parent_id = tracking.start_pipeline_run(cfg, "demo-pipeline", tags={"prefect_flow_run_id": "f-1"})
+    stage_cfg = load_config(
+        "demo", [*common, f"data.root={synthetic_root}", f"tracking.parent_run_id={parent_id}"]
+    )
+    with tracking.mlflow_run(stage_cfg, "stage") as child:
+        tracking.log_dataset(stage_cfg, "evaluation")
+    tracking.end_pipeline_run(cfg, parent_id, {"finetuned_val_miou": 0.25})
+
+    client = mlflow.MlflowClient(uri)
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FINISHED" and parent.info.run_name == "demo-pipeline"
+    assert parent.data.metrics == {"finetuned_val_miou": 0.25}
+    assert parent.data.params["optimizer.lr"] == str(cfg.optimizer.lr)
+    assert parent.data.tags["prefect_flow_run_id"] == "f-1"
+    child = client.get_run(child.info.run_id)
+    assert child.data.tags["mlflow.parentRunId"] == parent_id
+    (recorded,) = child.inputs.dataset_inputs
+    fingerprint = dataset_fingerprint(synthetic_root)
+    assert recorded.dataset.name == "cityscapes-synthetic" and recorded.dataset.digest == fingerprint[:32]
+    assert json.loads(recorded.dataset.profile) == {"train_images": 8, "val_images": 4}
+    assert str(synthetic_root.resolve()) in recorded.dataset.source
+    assert {tag.key: tag.value for tag in recorded.tags} == {
+        "fingerprint": fingerprint,
+        "mlflow.data.context": "evaluation",
+    }
+
+    failed_id = tracking.start_pipeline_run(cfg, "demo-pipeline")
+    tracking.end_pipeline_run(cfg, failed_id, failed=True)
+    assert client.get_run(failed_id).info.status == "FAILED"
