@@ -139,15 +139,9 @@ def segment_inputs(
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="cityseg-predict-") as scratch:
         local = {ref.source: _materialise(ref, Path(scratch)) for ref in todo}
-        problems = {
-            ref.source: problem for ref in todo if (problem := inspect_image(local[ref.source], max_pixels))
-        }
+        problems = find_problems(local, max_pixels)
         if problems and not skip_bad:
-            raise DataError(
-                f"{len(problems)} input file(s) cannot be segmented (nothing was written; --skip-bad skips "
-                "them and lists them in the manifest):\n  "
-                + "\n  ".join(f"{source}: {problem}" for source, problem in problems.items())
-            )
+            refuse(problems)
         for source, problem in problems.items():
             logger.warning("skipping %s: %s", source, problem)
             records[source] = {
@@ -182,6 +176,26 @@ def segment_inputs(
         len(summary.segmented), summary.resumed, len(summary.failed), output, model.name, model.version,
     )  # fmt: skip
     return summary
+
+
+def find_problems(local: dict[str, Path], max_pixels: int = MAX_PIXELS) -> dict[str, str]:
+    """input -> why it cannot be segmented, for every bad one of ``local`` (input -> local file)."""
+    return {source: problem for source, path in local.items() if (problem := inspect_image(path, max_pixels))}
+
+
+def check_inputs(refs: list[InputRef], max_pixels: int = MAX_PIXELS) -> dict[str, str]:
+    """:func:`find_problems` for inputs anywhere (s3:// ones are fetched to a scratch folder)."""
+    with tempfile.TemporaryDirectory(prefix="cityseg-check-") as scratch:
+        return find_problems({ref.source: _materialise(ref, Path(scratch)) for ref in refs}, max_pixels)
+
+
+def refuse(problems: dict[str, str]) -> None:
+    """The DataError naming every bad input (raised before anything is written)."""
+    raise DataError(
+        f"{len(problems)} input file(s) cannot be segmented (nothing was written; --skip-bad skips "
+        "them and lists them in the manifest):\n  "
+        + "\n  ".join(f"{source}: {problem}" for source, problem in problems.items())
+    )
 
 
 def _model_fields(model: ModelId) -> dict[str, str]:
