@@ -347,7 +347,8 @@ def inspect_image(path: Path, max_pixels: int = MAX_PIXELS) -> str | None:
     from PIL import Image, UnidentifiedImageError
 
     too_large = f"split or downscale it (limit: {max_pixels} pixels, --max-pixels)"
-    kind = path.suffix.lstrip(".").upper() or "image"
+    suffix = path.suffix.lstrip(".").upper()
+    kind = {"JPG": "JPEG", "TIF": "TIFF"}.get(suffix, suffix) or "image"  # Pillow's format names
     try:
         with Image.open(path) as image:
             mode, (width, height), kind = image.mode, image.size, image.format or kind
