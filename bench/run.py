@@ -74,9 +74,11 @@ def run_benchmarks(
 
         add(bench_evaluation(root, work_dir / "evaluation", repeats=repeats))
     if "inference" in only:
-        from bench.inference import bench_inference
+        from bench.inference import bench_inference, bench_inference_gpu, bench_predict_path
 
         add(bench_inference(work_dir / "inference", repeats=repeats))
+        add(bench_predict_path(root, work_dir / "inference", repeats=min(repeats, 3)))
+        add(bench_inference_gpu(work_dir / "inference"))
     if "gpu" in only:
         from bench.gpu_training import bench_gpu_training
 

@@ -136,7 +136,7 @@ def _load_registered(uri: str, map_location: str | torch.device) -> tuple[nn.Mod
     import yaml
     from mlflow.exceptions import MlflowException
 
-    from components.predict import registered_version
+    from components.registry import registered_version
 
     client = mlflow.MlflowClient()
     name, version = registered_version(client, uri)

@@ -1,146 +1,243 @@
-"""Downstream inference with the exported ONNX model: images in, Cityscapes masks out.
+"""Batch inference with the exported ONNX model: images in, Cityscapes masks plus a manifest out.
 
     python -m components.predict --model models:/cityscapes-deeplabv3@champion \\
-        --input <dir|glob|s3://bucket/prefix> --output <dir>
+        --input <dir|glob|s3://bucket/prefix> --output <dir|s3://bucket/prefix> [--skip-bad]
 
 ``--model`` is a registered model (``models:/name@alias`` or ``models:/name/version``; its ONNX file is
 cached per version under ``~/.cache/cityseg-ops/<name>/<version>/``, ``--cache-dir`` or
-``$CITYSEG_CACHE`` move it) or a local/s3:// ``.onnx`` file. For every image it writes
-``trainIds/<rel>.png`` (trainIds), ``labelIds/<rel>.png`` (labelIds: what the Cityscapes benchmark
-server and ``CITYSCAPES_RESULTS`` take) and ``overlay/<rel>.png`` (the colour mask blended on the image).
+``$CITYSEG_CACHE`` move it) or a local/s3:// ``.onnx`` file. For every image ``<rel>/<stem>.<ext>`` it
+writes ``trainIds/<rel>/<stem>.png``, ``labelIds/<rel>/<stem>.png`` (what the Cityscapes benchmark
+server and ``CITYSCAPES_RESULTS`` take) and, unless ``--no-overlay``, ``overlay/<rel>/<stem>.png``, plus
+one line per input in ``manifest.jsonl`` (input, outputs, size, model name and version, status).
 
-Inputs must be 8-bit RGB (RGBA loses its alpha); grayscale, palette and 16-bit images are refused,
-naming the file, before anything is written. Images whose longer side exceeds ``--max-side`` are
-tiled (overlapping windows, logits averaged) or, with ``--large resize``, downscaled; images of more than
-``--max-pixels`` (default 40 MP) are refused.
-
-This module is also the ``python_function`` loader of registered models (``_load_pyfunc``).
+Nothing is lost or silently wrong:
+  * two inputs that would write the same output (``x.jpg`` and ``x.webp``) are refused before anything
+    is written, naming both;
+  * every image is fully decoded with Pillow before anything is written: a truncated or corrupt file
+    (which OpenCV would decode half-way and fill in) is refused, naming it; ``--skip-bad`` instead skips
+    such files and lists them in the manifest with ``status: failed`` and the reason;
+  * inputs must be 8-bit RGB (RGBA loses its alpha); grayscale, palette, CMYK and 16-bit images are
+    refused the same way; images of more than ``--max-pixels`` (default 40 MP) too;
+  * EXIF orientation **is applied** (the network was trained on upright scenes, and the mask then lines
+    up with the image as every viewer shows it); the manifest records the orientation and the size of
+    the mask;
+  * a rerun into the same output skips inputs the manifest lists as done with the same model version:
+    an interrupted batch resumes.
+Images whose longer side exceeds ``--max-side`` are tiled (overlapping windows, logits averaged) or,
+with ``--large resize``, downscaled.
 """
 
 from __future__ import annotations
 
 import argparse
 import glob
+import hashlib
 import json
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
-import onnxruntime as ort
 from tqdm import tqdm
 
 from components import storage
 from components.cli import run_cli
 from components.data.layout import PNG_SIGNATURE
-from components.errors import MLFLOW_NOT_FOUND_CODES, DataError, ModelError
+from components.errors import DataError, ModelError
 from components.labels import colorize, trainid_to_labelid_lut
+from components.serving import Segmenter
 
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 DEFAULT_CACHE = Path.home() / ".cache" / "cityseg-ops"
-_ONNX_IN_MODEL = "onnx/model.onnx"  # components.registry.ONNX_SUBPATH (not imported: keeps serving light)
+_ONNX_IN_MODEL = "onnx/model.onnx"  # components.registry.ONNX_SUBPATH
 MAX_PIXELS = 40_000_000
 """Largest input accepted (about 8K x 5K, 20 Cityscapes frames): tiling sums one float32 logit per class
 and pixel, so memory grows with the image; larger ones are refused before anything is decoded."""
+MANIFEST = "manifest.jsonl"
+OK, FAILED = "ok", "failed"
 
 
-class Segmenter:
-    """An onnxruntime session plus the normalisation its metadata prescribes."""
-
-    def __init__(self, onnx_path: str | Path, providers: list[str] | None = None) -> None:
-        available = ort.get_available_providers()
-        providers = providers or [
-            p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available
-        ]
-        try:
-            self.session = ort.InferenceSession(str(onnx_path), providers=providers)
-        except Exception as exc:  # onnxruntime raises its own untyped errors for unreadable models
-            raise ModelError(f"cannot load ONNX model {onnx_path}: {exc}") from None
-        meta = {k: json.loads(v) for k, v in self.session.get_modelmeta().custom_metadata_map.items()}
-        if "mean" not in meta or "std" not in meta:
-            raise ModelError(f"{onnx_path} lacks the mean/std metadata; export it with components.export")
-        self.metadata = meta
-        self.mean = np.asarray(meta["mean"], dtype=np.float32).reshape(1, 3, 1, 1) * 255
-        self.std = np.asarray(meta["std"], dtype=np.float32).reshape(1, 3, 1, 1) * 255
-        self.input_name = self.session.get_inputs()[0].name
-
-    def logits(self, images: np.ndarray) -> np.ndarray:
-        """uint8 RGB N x H x W x 3 -> float32 logits N x C x H x W."""
-        batch = (images.transpose(0, 3, 1, 2).astype(np.float32) - self.mean) / self.std
-        return self.session.run(None, {self.input_name: batch})[0]
-
-    def masks(self, images: np.ndarray) -> np.ndarray:
-        """uint8 RGB N x H x W x 3 -> uint8 trainIds N x H x W."""
-        return self.logits(images).argmax(1).astype(np.uint8)
-
-
-class _PyfuncSegmenter:
-    """What ``mlflow.pyfunc.load_model`` returns for a registered version: predict(images) -> masks."""
-
-    def __init__(self, onnx_path: str) -> None:
-        self.segmenter = Segmenter(onnx_path)
-
-    def predict(self, model_input: Any, params: dict[str, Any] | None = None) -> np.ndarray:
-        images = np.asarray(model_input)
-        if images.ndim == 3:
-            images = images[None]
-        if images.ndim != 4 or images.shape[-1] != 3:
-            raise DataError(f"expected uint8 RGB images N x H x W x 3, got shape {images.shape}")
-        return self.segmenter.masks(images.astype(np.uint8))
-
-
-def _load_pyfunc(data_path: str) -> _PyfuncSegmenter:
-    """MLflow pyfunc loader hook (``loader_module: components.predict``)."""
-    return _PyfuncSegmenter(data_path)
-
-
-@dataclass
-class InputImage:
-    path: Path
-    relative: Path
+@dataclass(frozen=True)
+class InputRef:
+    source: str
+    """The input as the user named it (a local path or an s3:// URI): the manifest's key."""
+    relative: str
     """Output name relative to the output folders (keeps the input's sub-folders, e.g. cities)."""
 
 
-def predict(
+@dataclass
+class ModelId:
+    name: str
+    version: str
+    """Registry version, or the first 12 hex digits of the file's sha256 for a plain ONNX file."""
+
+
+@dataclass
+class PredictSummary:
+    model: ModelId
+    output: str
+    manifest: str
+    segmented: list[str] = field(default_factory=list)
+    """The trainId PNGs written by this call."""
+    resumed: int = 0
+    """Inputs skipped because the manifest lists them as done with this model version."""
+    failed: dict[str, str] = field(default_factory=dict)
+    """input -> reason, for inputs skipped with skip_bad."""
+    seconds: float = 0.0
+
+    @property
+    def images_per_second(self) -> float:
+        return len(self.segmented) / self.seconds if self.seconds else 0.0
+
+
+def predict(model_uri: str, inputs: str, output_dir: str, **options: Any) -> list[Path]:
+    """Segment every image under ``inputs`` into ``output_dir`` (local); returns the trainId PNGs written.
+    See :func:`segment_inputs` for the options."""
+    return [Path(path) for path in segment_inputs(model_uri, inputs, output_dir, **options).segmented]
+
+
+def segment_inputs(
     model_uri: str,
-    inputs: str,
-    output_dir: str,
+    inputs: str | list[InputRef],
+    output: str,
     *,
     batch_size: int = 4,
     max_side: int = 2048,
     large: str = "tile",
     max_pixels: int = MAX_PIXELS,
+    skip_bad: bool = False,
+    overlays: bool = True,
+    manifest_name: str = MANIFEST,
     cache_dir: str | None = None,
     providers: list[str] | None = None,
     progress: bool = True,
-) -> list[Path]:
-    """Segment every image under ``inputs``; returns the trainId PNG paths written (one per image)."""
+) -> PredictSummary:
+    """Segment ``inputs`` (a folder, glob or s3:// prefix, or listed InputRefs) into ``output`` (a folder
+    or s3:// prefix) and record every input in ``<output>/<manifest_name>``; see the module docstring."""
     if large not in ("tile", "resize"):
         raise ValueError(f"large must be 'tile' or 'resize', got {large!r}")
-    onnx_path = resolve_onnx(model_uri, cache_dir)
+    refs = list_inputs(inputs) if isinstance(inputs, str) else inputs
+    check_collisions(refs)
+    onnx_path, model = resolve_model(model_uri, cache_dir)
     segmenter = Segmenter(onnx_path, providers)
+    manifest = read_manifest(output)
+    records = {source: record for source, record in manifest.items() if source in {r.source for r in refs}}
+    todo = [ref for ref in refs if not _done(records.get(ref.source), model)]
+    summary = PredictSummary(model, output, storage.join(output, manifest_name))
+    summary.resumed = len(refs) - len(todo)
+    if summary.resumed:
+        logger.info("%d of %d inputs already done with %s v%s: skipped", summary.resumed, len(refs),
+                    model.name, model.version)  # fmt: skip
+    started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="cityseg-predict-") as scratch:
-        images = collect_inputs(inputs, Path(scratch))
-        validate_images([image.path for image in images], max_pixels)
-        out = Path(output_dir)
-        written = []
-        with tqdm(total=len(images), desc="predict", unit="img", disable=not progress) as bar:
-            for batch in _batches(images, batch_size, max_side):
-                pixels = [_read_rgb(image.path) for image in batch]
-                for image, rgb, mask in zip(
-                    batch, pixels, _segment(segmenter, pixels, max_side, large), strict=True
-                ):
-                    written.append(_write_outputs(out, image.relative, rgb, mask))
+        local = {ref.source: _materialise(ref, Path(scratch)) for ref in todo}
+        problems = find_problems(local, max_pixels)
+        if problems and not skip_bad:
+            refuse(problems)
+        for source, problem in problems.items():
+            logger.warning("skipping %s: %s", source, problem)
+            records[source] = {
+                "input": source,
+                "outputs": {},
+                "status": FAILED,
+                "error": problem,
+                **_model_fields(model),
+            }
+            summary.failed[source] = problem
+        good = [ref for ref in todo if ref.source not in problems]
+        with tqdm(total=len(good), desc="predict", unit="img", disable=not progress) as bar:
+            for batch in _batches(good, local, batch_size, max_side):
+                decoded = [_read_rgb(local[ref.source]) for ref in batch]
+                pixels = [rgb for rgb, _ in decoded]
+                masks = _segment(segmenter, pixels, max_side, large)
+                for ref, (rgb, orientation), mask in zip(batch, decoded, masks, strict=True):
+                    outputs = _write_outputs(output, ref.relative, rgb, mask, overlays)
+                    records[ref.source] = {
+                        "input": ref.source, "outputs": outputs, "status": OK,
+                        "width": int(mask.shape[1]), "height": int(mask.shape[0]),
+                        "exif_orientation": orientation, **_model_fields(model),
+                    }  # fmt: skip
+                    summary.segmented.append(outputs["trainIds"])
+                # Recorded after every batch: an interrupted run resumes from here.
+                write_manifest(summary.manifest, records)
                 bar.update(len(batch))
-    logger.info("wrote predictions for %d images to %s", len(written), output_dir)
-    return written
+    write_manifest(summary.manifest, records)
+    summary.seconds = time.perf_counter() - started
+    logger.info(
+        "segmented %d images (%d done before, %d failed) into %s with %s v%s",
+        len(summary.segmented), summary.resumed, len(summary.failed), output, model.name, model.version,
+    )  # fmt: skip
+    return summary
+
+
+def find_problems(local: dict[str, Path], max_pixels: int = MAX_PIXELS) -> dict[str, str]:
+    """input -> why it cannot be segmented, for every bad one of ``local`` (input -> local file)."""
+    return {source: problem for source, path in local.items() if (problem := inspect_image(path, max_pixels))}
+
+
+def check_inputs(refs: list[InputRef], max_pixels: int = MAX_PIXELS) -> dict[str, str]:
+    """:func:`find_problems` for inputs anywhere (s3:// ones are fetched to a scratch folder)."""
+    with tempfile.TemporaryDirectory(prefix="cityseg-check-") as scratch:
+        return find_problems({ref.source: _materialise(ref, Path(scratch)) for ref in refs}, max_pixels)
+
+
+def refuse(problems: dict[str, str]) -> None:
+    """The DataError naming every bad input (raised before anything is written)."""
+    raise DataError(
+        f"{len(problems)} input file(s) cannot be segmented (nothing was written; --skip-bad skips "
+        "them and lists them in the manifest):\n  "
+        + "\n  ".join(f"{source}: {problem}" for source, problem in problems.items())
+    )
+
+
+def _model_fields(model: ModelId) -> dict[str, str]:
+    return {"model_name": model.name, "model_version": model.version}
+
+
+def _done(record: dict[str, Any] | None, model: ModelId) -> bool:
+    return (
+        bool(record)
+        and record["status"] == OK
+        and _model_fields(model)
+        == {"model_name": record.get("model_name"), "model_version": record.get("model_version")}
+    )
+
+
+def read_manifest(output: str) -> dict[str, dict[str, Any]]:
+    """input -> record, from ``manifest.jsonl`` and any per-shard ``manifest.*.jsonl`` under ``output``
+    (a later line for the same input wins)."""
+    names = [n for n in storage.list_names(output) if n.startswith("manifest") and n.endswith(".jsonl")]
+    names.sort(key=lambda n: (n != MANIFEST, n))
+    records: dict[str, dict[str, Any]] = {}
+    for name in names:
+        for line in storage.read_bytes(storage.join(output, name)).decode().splitlines():
+            if line.strip():
+                record = json.loads(line)
+                records[record["input"]] = record
+    return records
+
+
+def write_manifest(uri: str, records: dict[str, dict[str, Any]]) -> None:
+    """One JSON line per input, sorted by input; written whole (atomically for local files)."""
+    text = "".join(json.dumps(records[key], sort_keys=True) + "\n" for key in sorted(records))
+    storage.write_bytes(uri, text.encode())
+
+
+def resolve_model(model_uri: str, cache_dir: str | None = None) -> tuple[Path, ModelId]:
+    """A local ONNX file and the name/version the manifest records for it."""
+    path = resolve_onnx(model_uri, cache_dir)
+    if model_uri.startswith("models:/"):
+        return path, ModelId(path.parent.parent.name, path.parent.name)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    return path, ModelId(model_uri, digest)
 
 
 def resolve_onnx(model_uri: str, cache_dir: str | None = None) -> Path:
@@ -161,6 +258,8 @@ def resolve_onnx(model_uri: str, cache_dir: str | None = None) -> Path:
 def _registered_onnx(model_uri: str, cache_root: Path) -> Path:
     import mlflow
     from mlflow.exceptions import MlflowException
+
+    from components.registry import registered_version
 
     client = mlflow.MlflowClient()
     name, version = registered_version(client, model_uri)
@@ -183,63 +282,34 @@ def _registered_onnx(model_uri: str, cache_root: Path) -> Path:
     return cached
 
 
-def registered_version(client: Any, model_uri: str) -> tuple[str, str]:
-    """(name, version) of a ``models:/name@alias`` or ``models:/name/version`` URI. An unknown alias or
-    model is a ModelError that lists what the registry does have."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-    from mlflow.store.artifact.utils.models import get_model_name_and_version
-
-    try:
-        resolved = get_model_name_and_version(client, model_uri)
-    except MlflowException as exc:
-        raise ModelError(
-            f"cannot resolve {model_uri} in the MLflow registry at {mlflow.get_tracking_uri()}: "
-            f"{exc.message.rstrip('.')}. {_registry_hint(client, model_uri, exc.error_code)}"
-        ) from None
-    if len(resolved) != 2:  # models:/m-<id> names a logged model, not a registered version
-        raise ModelError(f"{model_uri} is not a registered version: use models:/name@alias or name/version")
-    name, version = resolved
-    return name, str(version)
-
-
-def _registry_hint(client: Any, model_uri: str, error_code: str) -> str:
-    """What the registry has for the URI's model name (its aliases, else the model names), asked only when
-    it answered "no such thing": an unreachable registry is not asked again."""
-    from mlflow.exceptions import MlflowException
-
-    unreachable = "Check MLFLOW_TRACKING_URI and that the server is up."
-    if error_code not in MLFLOW_NOT_FOUND_CODES:
-        return unreachable
-    name = model_uri[len("models:/") :].split("@", 1)[0].split("/", 1)[0]
-    try:
-        models = {model.name: model.aliases for model in client.search_registered_models()}
-    except MlflowException:
-        return unreachable
-    if name not in models:
-        return f"Registered models: {', '.join(sorted(models)) or 'none'}."
-    listed = ", ".join(f"@{alias} (version {version})" for alias, version in sorted(models[name].items()))
-    return f"Aliases of {name}: {listed or 'none'}; or use models:/{name}/<version>."
-
-
-def collect_inputs(inputs: str, scratch: Path) -> list[InputImage]:
-    """The files to segment: a folder (recursively), a glob pattern or an s3:// prefix (downloaded)."""
+def list_inputs(inputs: str) -> list[InputRef]:
+    """The files to segment (nothing downloaded): a folder (recursively, hidden files left out), a glob
+    pattern, one file or an s3:// prefix. Unreadable entries (broken links) are listed too: they are
+    named as bad inputs rather than silently left out."""
     if storage.is_s3(inputs):
-        return _download_prefix(inputs, scratch)
+        return _list_prefix(inputs)
     root = Path(inputs)
     if root.is_dir():
-        files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
-        found = [InputImage(p, p.relative_to(root).with_suffix(".png")) for p in files]
+        files = sorted(p for p in root.rglob("*") if (p.is_file() or p.is_symlink()) and not _hidden(p, root))
+        found = [InputRef(str(p), _output_name(p.relative_to(root).as_posix())) for p in files]
     elif root.is_file():
-        found = [InputImage(root, Path(root.stem + ".png"))]
+        found = [InputRef(str(root), _output_name(root.name))]
     else:
-        found = [InputImage(Path(p), Path(Path(p).stem + ".png")) for p in sorted(glob.glob(inputs))]
+        found = [InputRef(p, _output_name(Path(p).name)) for p in sorted(glob.glob(inputs))]
     if not found:
         raise DataError(f"no input files at {inputs}: pass a folder, a glob pattern or an s3:// prefix")
     return found
 
 
-def _download_prefix(uri: str, scratch: Path) -> list[InputImage]:
+def _hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def _output_name(relative: str) -> str:
+    return str(Path(relative).with_suffix(".png").as_posix())
+
+
+def _list_prefix(uri: str) -> list[InputRef]:
     bucket, prefix = storage.split_s3(uri)
     prefix = prefix.rstrip("/") + "/" if prefix else ""
     pages = storage.s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
@@ -248,39 +318,61 @@ def _download_prefix(uri: str, scratch: Path) -> list[InputImage]:
     )
     if not keys:
         raise DataError(f"no objects under {uri}")
-    found = []
-    for key in keys:
-        relative = Path(key[len(prefix) :])
-        local = storage.copy_to_local(f"s3://{bucket}/{key}", scratch / relative)
-        found.append(InputImage(local, relative.with_suffix(".png")))
-    return found
+    return [InputRef(f"s3://{bucket}/{key}", _output_name(key[len(prefix) :])) for key in keys]
 
 
-def validate_images(paths: list[Path], max_pixels: int = MAX_PIXELS) -> None:
-    """Refuse (naming every bad file) anything that is not an 8-bit RGB/RGBA image of at most
-    ``max_pixels`` pixels; reads headers only."""
+def check_collisions(refs: list[InputRef]) -> None:
+    """Refuse inputs whose outputs would overwrite each other (``x.jpg`` and ``x.webp``), naming them."""
+    by_output: dict[str, list[str]] = {}
+    for ref in refs:
+        by_output.setdefault(ref.relative, []).append(ref.source)
+    clashes = {name: sources for name, sources in by_output.items() if len(sources) > 1}
+    if clashes:
+        raise DataError(
+            f"{len(clashes)} output name(s) would be written by more than one input (nothing was written; "
+            "rename or move one of each):\n  "
+            + "\n  ".join(f"{name} <- {' and '.join(sources)}" for name, sources in clashes.items())
+        )
+
+
+def _materialise(ref: InputRef, scratch: Path) -> Path:
+    if storage.is_s3(ref.source):
+        return storage.copy_to_local(ref.source, scratch / ref.source[len("s3://") :])
+    return Path(ref.source)
+
+
+def inspect_image(path: Path, max_pixels: int = MAX_PIXELS) -> str | None:
+    """Why ``path`` cannot be segmented (None if it can): checks the header, then decodes the whole
+    image with Pillow, which (unlike OpenCV) raises on truncated or corrupt data."""
     from PIL import Image, UnidentifiedImageError
 
-    problems = []
     too_large = f"split or downscale it (limit: {max_pixels} pixels, --max-pixels)"
-    for path in paths:
-        try:
+    suffix = path.suffix.lstrip(".").upper()
+    kind = {"JPG": "JPEG", "TIF": "TIFF"}.get(suffix, suffix) or "image"  # Pillow's format names
+    try:
+        with Image.open(path) as image:
+            mode, (width, height), kind = image.mode, image.size, image.format or kind
+            if width * height > max_pixels:
+                return f"{width}x{height} pixels; {too_large}"
+            if mode not in ("RGB", "RGBA"):
+                return f"{mode} image; convert it to 8-bit RGB"
+            if _png_bit_depth(path) == 16:  # Pillow reports 16-bit RGB PNGs as mode RGB
+                return "16-bit PNG; convert it to 8-bit RGB"
+            image.load()
+        if kind == "PNG":  # checks every chunk's CRC, which decoding skips for ancillary chunks
             with Image.open(path) as image:
-                mode, (width, height) = image.mode, image.size
-        except Image.DecompressionBombError:  # a header claiming hundreds of megapixels
-            problems.append(f"{path}: too large for Pillow's decompression-bomb limit; {too_large}")
-            continue
-        except (UnidentifiedImageError, OSError):
-            problems.append(f"{path}: not an image (supported: {', '.join(IMAGE_SUFFIXES)})")
-            continue
-        if width * height > max_pixels:
-            problems.append(f"{path}: {width}x{height} pixels; {too_large}")
-        elif mode not in ("RGB", "RGBA"):
-            problems.append(f"{path}: {mode} image; convert it to 8-bit RGB")
-        elif _png_bit_depth(path) == 16:  # Pillow reports 16-bit RGB PNGs as mode RGB
-            problems.append(f"{path}: 16-bit PNG; convert it to 8-bit RGB")
-    if problems:
-        raise DataError(f"{len(problems)} input file(s) cannot be segmented:\n  " + "\n  ".join(problems))
+                image.verify()
+    except Image.DecompressionBombError:  # a header claiming hundreds of megapixels
+        return f"too large for Pillow's decompression-bomb limit; {too_large}"
+    except UnidentifiedImageError:
+        return f"not an image (supported: {', '.join(IMAGE_SUFFIXES)})"
+    except FileNotFoundError:
+        return "cannot be read: missing (a broken link?)"
+    except PermissionError:
+        return "cannot be read: permission denied"
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:  # Pillow's ways of saying "corrupt"
+        return f"truncated or corrupt {kind} ({exc})"
+    return None
 
 
 def _png_bit_depth(path: Path) -> int | None:
@@ -290,26 +382,33 @@ def _png_bit_depth(path: Path) -> int | None:
     return header[24] if header.startswith(PNG_SIGNATURE) and len(header) == 25 else None
 
 
-def _read_rgb(path: Path) -> np.ndarray:
-    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)  # drops alpha
-    if bgr is None:
-        raise DataError(f"{path}: OpenCV cannot decode it")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+def _read_rgb(path: Path) -> tuple[np.ndarray, int]:
+    """Upright RGB pixels (EXIF orientation applied, alpha dropped) and the EXIF orientation (1 = none)."""
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as image:
+        orientation = int(image.getexif().get(0x0112, 1))  # 0x0112: the EXIF Orientation tag
+        upright = ImageOps.exif_transpose(image) if orientation != 1 else image
+        return np.asarray(upright.convert("RGB")), orientation
 
 
-def _batches(images: list[InputImage], batch_size: int, max_side: int) -> Iterator[list[InputImage]]:
+def _batches(
+    refs: list[InputRef], local: dict[str, Path], batch_size: int, max_side: int
+) -> Iterator[list[InputRef]]:
     """Consecutive images of one size share a batch; a large image goes alone (its tiles are batched)."""
     from PIL import Image
 
-    batch: list[InputImage] = []
+    batch: list[InputRef] = []
     size: tuple[int, int] | None = None
-    for image in images:
-        with Image.open(image.path) as opened:
+    for ref in refs:
+        with Image.open(local[ref.source]) as opened:
             this = opened.size
+            if int(opened.getexif().get(0x0112, 1)) in (5, 6, 7, 8):  # rotated by 90 degrees when read
+                this = this[::-1]
         if batch and (this != size or len(batch) == batch_size or max(this) > max_side):
             yield batch
             batch = []
-        batch.append(image)
+        batch.append(ref)
         size = this
     if batch:
         yield batch
@@ -352,19 +451,21 @@ def _starts(length: int, tile: int) -> list[int]:
     return [*starts, length - tile]
 
 
-def _write_outputs(out: Path, relative: Path, rgb: np.ndarray, mask: np.ndarray) -> Path:
-    overlay = cv2.addWeighted(rgb, 0.5, colorize(mask), 0.5, 0)
-    outputs = {
-        "trainIds": mask,
-        "labelIds": trainid_to_labelid_lut()[mask],
-        "overlay": cv2.cvtColor(overlay, cv2.COLOR_RGB2BGR),
-    }
-    for folder, array in outputs.items():
+def _write_outputs(
+    output: str, relative: str, rgb: np.ndarray, mask: np.ndarray, overlays: bool
+) -> dict[str, str]:
+    arrays = {"trainIds": mask, "labelIds": trainid_to_labelid_lut()[mask]}
+    if overlays:
+        overlay = cv2.addWeighted(rgb, 0.5, colorize(mask), 0.5, 0)
+        arrays["overlay"] = cv2.cvtColor(overlay, cv2.COLOR_RGB2BGR)
+    written = {}
+    for folder, array in arrays.items():
         ok, encoded = cv2.imencode(".png", array)
         if not ok:
             raise DataError(f"cannot encode the {folder} PNG for {relative}")
-        storage.write_bytes(out / folder / relative, encoded.tobytes())
-    return out / "trainIds" / relative
+        written[folder] = storage.join(output, folder, relative)
+        storage.write_bytes(written[folder], encoded.tobytes())
+    return written
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -373,19 +474,28 @@ def main(argv: list[str] | None = None) -> int:
         "--model", required=True, help="models:/name@alias, models:/name/version or a .onnx path"
     )
     parser.add_argument("--input", required=True, help="a folder, a glob pattern or an s3:// prefix")
-    parser.add_argument("--output", required=True, help="output folder (trainIds/, labelIds/, overlay/)")
+    parser.add_argument(
+        "--output",
+        required=True,
+        help="folder or s3:// prefix (trainIds/, labelIds/, overlay/, manifest.jsonl)",
+    )
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-side", type=int, default=2048, help="larger images are tiled or resized")
     parser.add_argument("--large", choices=("tile", "resize"), default="tile")
     parser.add_argument(
         "--max-pixels", type=int, default=MAX_PIXELS, help="larger images are refused (memory bound)"
     )
+    parser.add_argument(
+        "--skip-bad", action="store_true",
+        help="skip corrupt/unsupported images (listed in the manifest) instead of refusing the whole run",
+    )  # fmt: skip
+    parser.add_argument("--no-overlay", action="store_true", help="write masks only")
     parser.add_argument("--cache-dir", help=f"model cache (default $CITYSEG_CACHE or {DEFAULT_CACHE})")
     parser.add_argument("--cpu", action="store_true", help="use the CPU even when CUDA is available")
     args = parser.parse_args(argv)
 
     def run() -> None:
-        written = predict(
+        summary = segment_inputs(
             args.model,
             args.input,
             args.output,
@@ -393,10 +503,16 @@ def main(argv: list[str] | None = None) -> int:
             max_side=args.max_side,
             large=args.large,
             max_pixels=args.max_pixels,
+            skip_bad=args.skip_bad,
+            overlays=not args.no_overlay,
             cache_dir=args.cache_dir,
             providers=["CPUExecutionProvider"] if args.cpu else None,
         )
-        print(f"segmented {len(written)} images into {args.output}")
+        print(
+            f"segmented {len(summary.segmented)} images into {args.output} with {summary.model.name} "
+            f"v{summary.model.version} ({summary.resumed} done before, {len(summary.failed)} skipped as bad; "
+            f"manifest: {summary.manifest})"
+        )
 
     return run_cli(run)
 

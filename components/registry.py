@@ -5,7 +5,8 @@ What a registered version is: one MLflow model, ``segmenter``, logged in the *tr
   * a ``python_function`` flavour backed by the ONNX file (``onnx/model.onnx``) that returns **masks**:
     ``mlflow.pyfunc.load_model(uri).predict(images)`` takes uint8 RGB images (N x H x W x 3) and returns
     uint8 trainIds (N x H x W), so ``mlflow models serve -m models:/cityscapes-deeplabv3@champion``
-    works as is (loader: ``components.predict``, shipped in the model's ``code/``),
+    works as is (loader: ``components.serving``; the model's ``code/`` holds only the lean serving
+    modules and its requirements.txt only mlflow-skinny, onnxruntime, numpy, pandas: no torch),
   * the ONNX file itself, which ``python -m components.predict --model models:/...`` downloads.
 The plain ``onnx`` flavour is logged beside it in the same run (``mlflow.onnx.load_model``).
 
@@ -42,7 +43,8 @@ from mlflow.types import Schema, TensorSpec
 from components import storage, tracking
 from components.cli import run_cli
 from components.config import Config, load_config
-from components.errors import MLFLOW_NOT_FOUND_CODES, RegistryError, StorageError
+from components.errors import MLFLOW_NOT_FOUND_CODES, ModelError, RegistryError, StorageError
+from components.serving import BUNDLED_MODULES, SERVING_REQUIREMENTS
 
 logger = logging.getLogger(__name__)
 
@@ -52,10 +54,8 @@ MODEL_NAME = "segmenter"
 """Name of the registered MLflow model inside the training run."""
 ONNX_SUBPATH = "onnx/model.onnx"
 """Where the ONNX file sits inside a registered model's artifacts."""
-_REQUIREMENTS = (
-    "mlflow", "torch", "torchvision", "onnxruntime", "numpy", "opencv-python-headless",
-    "cityscapesScripts", "pydantic", "PyYAML", "boto3", "tqdm",
-)  # fmt: skip
+_ONNX_REQUIREMENTS = ("mlflow-skinny", "onnx", "onnxruntime", "numpy")
+"""What ``mlflow.onnx.load_model`` of the plain ONNX flavour needs."""
 T = TypeVar("T")
 
 
@@ -210,7 +210,7 @@ def _log_and_register(
             onnx_file=str(local_onnx),
             signature=mask_signature(),
             input_example=np.zeros((1, 32, 64, 3), dtype=np.uint8),
-            pip_requirements=_pinned_requirements(),
+            pip_requirements=_pinned_requirements(SERVING_REQUIREMENTS),
         )
         import onnx
 
@@ -219,7 +219,7 @@ def _log_and_register(
             name="onnx",
             signature=logits_signature(cfg.model.num_classes),
             save_as_external_data=False,
-            pip_requirements=_pinned_requirements(),
+            pip_requirements=_pinned_requirements(_ONNX_REQUIREMENTS),
         )
     version = mlflow.register_model(info.model_uri, cfg.registry.model_name, tags=tags)
     logger.info(
@@ -278,6 +278,41 @@ def _float(tags: dict[str, str], key: str) -> float | None:
     return float(tags[key]) if key in tags else None
 
 
+def registered_version(client: Any, model_uri: str) -> tuple[str, str]:
+    """(name, version) of a ``models:/name@alias`` or ``models:/name/version`` URI. An unknown alias or
+    model is a ModelError that lists what the registry does have."""
+    from mlflow.store.artifact.utils.models import get_model_name_and_version
+
+    try:
+        resolved = get_model_name_and_version(client, model_uri)
+    except MlflowException as exc:
+        raise ModelError(
+            f"cannot resolve {model_uri} in the MLflow registry at {mlflow.get_tracking_uri()}: "
+            f"{exc.message.rstrip('.')}. {_registry_hint(client, model_uri, exc.error_code)}"
+        ) from None
+    if len(resolved) != 2:  # models:/m-<id> names a logged model, not a registered version
+        raise ModelError(f"{model_uri} is not a registered version: use models:/name@alias or name/version")
+    name, version = resolved
+    return name, str(version)
+
+
+def _registry_hint(client: Any, model_uri: str, error_code: str) -> str:
+    """What the registry has for the URI's model name (its aliases, else the model names), asked only when
+    it answered "no such thing": an unreachable registry is not asked again."""
+    unreachable = "Check MLFLOW_TRACKING_URI and that the server is up."
+    if error_code not in MLFLOW_NOT_FOUND_CODES:
+        return unreachable
+    name = model_uri[len("models:/") :].split("@", 1)[0].split("/", 1)[0]
+    try:
+        models = {model.name: model.aliases for model in client.search_registered_models()}
+    except MlflowException:
+        return unreachable
+    if name not in models:
+        return f"Registered models: {', '.join(sorted(models)) or 'none'}."
+    listed = ", ".join(f"@{alias} (version {version})" for alias, version in sorted(models[name].items()))
+    return f"Aliases of {name}: {listed or 'none'}; or use models:/{name}/<version>."
+
+
 def mask_signature() -> ModelSignature:
     """The served model: uint8 RGB images (N x H x W x 3) -> uint8 trainId masks (N x H x W)."""
     return ModelSignature(
@@ -294,9 +329,10 @@ def logits_signature(num_classes: int) -> ModelSignature:
     )
 
 
-def _pinned_requirements() -> list[str]:
+def _pinned_requirements(packages: tuple[str, ...]) -> list[str]:
+    """``package==<installed version>``: the served model gets what it was tested with."""
     pins = []
-    for package in _REQUIREMENTS:
+    for package in packages:
         try:
             pins.append(f"{package}=={importlib_metadata.version(package)}")
         except importlib_metadata.PackageNotFoundError:
@@ -313,26 +349,26 @@ class _SegmenterFlavor:
     def save_model(path: str, mlflow_model: Any, pytorch_model: Any, onnx_file: str, **kwargs: Any) -> None:
         import components
 
-        code_dir = str(Path(components.__file__).parent)
-        # pickle, not pt2: pt2 would trace the network with the *mask* model's uint8 input example.
+        # pickle, not pt2: pt2 would trace the network with the *mask* model's uint8 input example. No
+        # code_paths: the weights are loaded (components.model) where the project is installed.
         mlflow.pytorch.save_model(
-            pytorch_model,
-            path,
-            mlflow_model=mlflow_model,
-            code_paths=[code_dir],
-            serialization_format="pickle",
-            **kwargs,
+            pytorch_model, path, mlflow_model=mlflow_model, serialization_format="pickle", **kwargs
         )
         target = Path(path, ONNX_SUBPATH)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(onnx_file, target)
+        # The serving code: the lean modules only, so loading the pyfunc never imports the training stack.
+        bundle = Path(path, "code", "components")
+        bundle.mkdir(parents=True)
+        for module in BUNDLED_MODULES:
+            shutil.copyfile(Path(components.__file__).parent / module, bundle / module)
         # Replace the pytorch pyfunc (which returns logits) with the ONNX one that returns masks.
         pytorch_pyfunc = mlflow_model.flavors.pop(mlflow.pyfunc.FLAVOR_NAME)
         mlflow.pyfunc.add_to_model(
             mlflow_model,
-            loader_module="components.predict",
+            loader_module="components.serving",
             data=ONNX_SUBPATH,
-            code=pytorch_pyfunc.get("code"),
+            code="code",
             conda_env=pytorch_pyfunc.get("env", {}).get("conda", "conda.yaml"),
             python_env=pytorch_pyfunc.get("env", {}).get("virtualenv", "python_env.yaml"),
         )

@@ -1,0 +1,130 @@
+"""Batch inference as a Prefect flow: segment a folder or an s3:// prefix with a registered model.
+
+    prefect deployment run predict/cityscapes --param inputs=s3://bucket/frames --param output=s3://bucket/masks
+
+The alias is resolved once (every shard uses the same version even if ``champion`` moves meanwhile). All
+inputs are checked first (corrupt or unsupported files refuse the run before anything is written, unless
+``skip_bad``); then shards run as concurrent tasks with retries, each recording its inputs in a
+``manifest.<shard>.jsonl`` after every batch; the flow merges them into ``manifest.jsonl``. A rerun into
+the same output skips what a manifest lists as done with that version, so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+
+from components import storage
+from components.predict import (
+    MANIFEST,
+    MAX_PIXELS,
+    InputRef,
+    check_collisions,
+    check_inputs,
+    list_inputs,
+    read_manifest,
+    refuse,
+    resolve_model,
+    segment_inputs,
+    write_manifest,
+)
+from flows.secrets import export_aws_credentials
+
+logger = logging.getLogger(__name__)
+
+
+@task(name="check-inputs")
+def check_task(refs: list[InputRef], max_pixels: int) -> dict[str, str]:
+    return check_inputs(refs, max_pixels)
+
+
+@task(name="segment-shard")
+def segment_task(
+    model_uri: str, refs: list[InputRef], output: str, shard: int, options: dict[str, Any]
+) -> dict:
+    summary = segment_inputs(
+        model_uri, refs, output, manifest_name=f"manifest.{shard:04d}.jsonl", progress=False, **options
+    )
+    return {"segmented": len(summary.segmented), "resumed": summary.resumed, "failed": summary.failed}
+
+
+@flow(name="predict", persist_result=True)
+def predict(
+    inputs: str,
+    output: str,
+    model: str = "models:/cityscapes-deeplabv3@champion",
+    shards: int = 4,
+    batch_size: int = 4,
+    max_side: int = 2048,
+    overlays: bool = True,
+    skip_bad: bool = False,
+    retries: int = 2,
+) -> dict[str, Any]:
+    """Segment ``inputs`` (folder or s3:// prefix) into ``output`` (folder or s3:// prefix) with ``model``
+    (``models:/name@alias``, ``models:/name/version`` or an .onnx path/URI)."""
+    if shards < 1:
+        raise ValueError(f"shards must be at least 1, got {shards}")
+    export_aws_credentials()
+    started = time.perf_counter()
+    refs = list_inputs(inputs)
+    check_collisions(refs)
+    _, version = resolve_model(model)  # downloads the ONNX once, into the cache the shards read
+    model_uri = f"models:/{version.name}/{version.version}" if model.startswith("models:/") else model
+    groups = [refs[i::shards] for i in range(min(shards, len(refs)))]
+    checks = [check_task.submit(group, MAX_PIXELS) for group in groups]
+    problems = {k: v for check in checks for k, v in check.result().items()}
+    if problems and not skip_bad:
+        refuse(problems)
+    progress = create_progress_artifact(0.0, key="predict-progress", description=f"{len(refs)} inputs")
+    options = {"batch_size": batch_size, "max_side": max_side, "overlays": overlays, "skip_bad": skip_bad}
+    shard_task = segment_task.with_options(retries=retries, retry_delay_seconds=5)
+    futures = [shard_task.submit(model_uri, group, output, i, options) for i, group in enumerate(groups)]
+    results = []
+    for future in futures:
+        results.append(future.result())
+        update_progress_artifact(progress, 100.0 * len(results) / len(futures))
+        logger.info("shard %d of %d done: %s", len(results), len(futures), results[-1])
+    counts = _merge_manifests(output)
+    seconds = time.perf_counter() - started
+    segmented = sum(r["segmented"] for r in results)
+    summary = {
+        "model": f"{version.name} v{version.version}",
+        "inputs": len(refs),
+        "segmented": segmented,
+        "resumed": sum(r["resumed"] for r in results),
+        "failed": {k: v for r in results for k, v in r["failed"].items()},
+        "manifest": storage.join(output, MANIFEST),
+        "manifest_status": counts,
+        "seconds": round(seconds, 1),
+        "images_per_second": round(segmented / seconds, 3),
+    }
+    failures = "".join(f"\n| `{k}` | {v} |" for k, v in summary["failed"].items())
+    create_markdown_artifact(
+        key="predict-summary",
+        markdown=(
+            f"# Batch inference with {summary['model']}\n\n"
+            f"{len(refs)} inputs: {segmented} segmented, {summary['resumed']} done before, "
+            f"{len(summary['failed'])} failed; {summary['images_per_second']} images/s over "
+            f"{summary['seconds']} s.\n\nOutputs and manifest: `{output}`\n"
+            + (f"\n| failed input | reason |\n|---|---|{failures}\n" if failures else "")
+        ),
+        description="Counts, failures and throughput of this batch inference run",
+    )
+    return summary
+
+
+def _merge_manifests(output: str) -> dict[str, int]:
+    """Fold the shards' manifests into ``manifest.jsonl`` (one line per input), then delete them."""
+    records = read_manifest(output)
+    write_manifest(storage.join(output, MANIFEST), records)
+    for name in storage.list_names(output):
+        if name.startswith("manifest.") and name != MANIFEST and name.endswith(".jsonl"):
+            storage.delete(storage.join(output, name))
+    counts: dict[str, int] = {}
+    for record in records.values():
+        counts[record["status"]] = counts.get(record["status"], 0) + 1
+    return counts

@@ -1,0 +1,27 @@
+"""The inference benchmark rows at toy size: the whole predict path vs the eager loop, and the GPU rows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+
+@pytest.mark.slow
+def test_predict_path_row_matches_the_eager_loop(synthetic_root: Path, tmp_path: Path) -> None:
+    from bench.inference import bench_predict_path
+
+    row = bench_predict_path(synthetic_root, tmp_path, backbone="mobilenet_v3_large", frames=2, repeats=1)
+    assert row.unit == "images/s" and row.ours > 0 and row.reference > 0
+    assert row.identical is True, row.notes  # argmax agreement >= the export gate's 99.9%
+    assert "64x128 frames" in row.what and row.target == ">= 1.5x"
+
+
+def test_gpu_rows_say_not_run_without_a_gpu(tmp_path: Path) -> None:
+    from bench.inference import bench_inference_gpu
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the rows are measured by `python -m bench.run --only inference`")
+    (row,) = bench_inference_gpu(tmp_path)
+    assert row.what.startswith("GPU inference") and row.notes == "not run: no GPU lent" and row.ours is None
