@@ -17,6 +17,13 @@ ARG BASE_IMAGE=debian:12.15-slim
 
 # ---- build stage: a virtual environment with the locked dependencies ----
 FROM ${BASE_IMAGE} AS builder
+# Debian packages follow the pinned base release (security updates included), so no
+# per-package version pins: those break with every point release. The same first step in every
+# Python builder stage (infra/images too), so the builds share this layer.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
+    && rm -rf /var/lib/apt/lists/*
 ARG EXTRA_CA_CERT=""
 ARG PIP_INDEX_URL=""
 ARG PIP_EXTRA_INDEX_URL=""
@@ -26,13 +33,7 @@ ARG PIP_TRUSTED_HOST=""
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_CERT=/tmp/build/ca.pem
-# Debian packages follow the pinned base release (security updates included), so no
-# per-package version pins: those break with every point release.
-# hadolint ignore=DL3008
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
-    && rm -rf /var/lib/apt/lists/* \
-    && mkdir -p /tmp/build \
+RUN mkdir -p /tmp/build \
     && cat /etc/ssl/certs/ca-certificates.crt > /tmp/build/ca.pem \
     && printf '%s\n' "$EXTRA_CA_CERT" >> /tmp/build/ca.pem \
     && python3 -m venv /opt/venv
@@ -55,24 +56,19 @@ s.DeepLabV3_ResNet101_Weights, s.DeepLabV3_MobileNet_V3_Large_Weights)]"; \
 
 # ---- final stage: Python runtime and the venv; no compiler, pip, caches, tests or extra CA ----
 FROM ${BASE_IMAGE}
-ARG GIT_COMMIT=unknown
-LABEL org.opencontainers.image.title="cityseg-ops" \
-      org.opencontainers.image.revision="${GIT_COMMIT}"
+# The same first step as every Python runtime stage (infra/images too): one shared layer.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 ca-certificates \
+    && rm -rf /var/lib/apt/lists/* /var/cache/apt/* /var/log/apt /var/log/dpkg.log
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONPATH=/opt/cityseg \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     TORCH_HOME=/opt/torch \
     MPLCONFIGDIR=/tmp/matplotlib \
-    OMP_WAIT_POLICY=PASSIVE \
-    GIT_COMMIT=${GIT_COMMIT}
-# Debian packages follow the pinned base release (security updates included), so no
-# per-package version pins: those break with every point release.
-# hadolint ignore=DL3008
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 ca-certificates \
-    && rm -rf /var/lib/apt/lists/* /var/cache/apt/* /var/log/apt /var/log/dpkg.log \
-    && groupadd --system --gid 10001 cityseg \
+    OMP_WAIT_POLICY=PASSIVE
+RUN groupadd --system --gid 10001 cityseg \
     && useradd --system --uid 10001 --gid cityseg --create-home --home-dir /home/cityseg cityseg
 COPY --from=builder /opt/venv /opt/venv
 COPY --from=builder /opt/torch /opt/torch
@@ -83,5 +79,10 @@ COPY components ./components
 COPY flows ./flows
 COPY deploy ./deploy
 RUN mkdir -p runs data && chown 10001:10001 runs data
+# Last, so a new commit rebuilds only these metadata layers.
+ARG GIT_COMMIT=unknown
+LABEL org.opencontainers.image.title="cityseg-ops" \
+      org.opencontainers.image.revision="${GIT_COMMIT}"
+ENV GIT_COMMIT=${GIT_COMMIT}
 USER 10001:10001
 CMD ["python", "-m", "flows.finetune", "--recipe", "demo"]

@@ -72,7 +72,7 @@ $(STACK_TOOLS)/.installed: venv
 ## The containerised path end to end (CI runs it after `make test`): engine, images, compose stack,
 ## docker work pool, deployment runs, checks.
 stack-test: venv stack-tools
-	@start=$$(date +%s); infra/engine.sh && echo "== engine: $$(( $$(date +%s) - start )) s"
+	@start=$$(date +%s); PYTHON=$(PY) infra/engine.sh && echo "== engine: $$(( $$(date +%s) - start )) s"
 	@start=$$(date +%s); $(MAKE) --no-print-directory images OFFLINE=1 && echo "== images: $$(( $$(date +%s) - start )) s"
 	$(PY) infra/stack_test.py
 

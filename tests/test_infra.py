@@ -69,7 +69,7 @@ def test_image_is_multi_stage_pinned_and_non_root() -> None:
     assert users, "the final stage must switch to a non-root USER"
     assert users[-1].split(":")[0] not in ("root", "0")
     final_text = "\n".join(final)
-    assert "pip install" not in final_text and "EXTRA_CA_CERT" not in final_text, "build-only in the final stage"
+    assert "pip install" not in final_text and "EXTRA_CA_CERT" not in final_text, "build-only steps"
     assert "pip uninstall -y pip" in text, "no pip in the copied venv"
     assert "GIT_COMMIT=${GIT_COMMIT}" in final_text and "ARG GIT_COMMIT" in final_text
     assert "ARG BAKE_WEIGHTS=false" in text and "TORCH_HOME=/opt/torch" in final_text

