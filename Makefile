@@ -58,7 +58,7 @@ bench: venv
 ## mirror and the PyPI mirror the host's pip uses (see README "Local stack").
 OFFLINE ?=
 images:
-	OFFLINE=$(OFFLINE) PYTHON=$(PYTHON) infra/images/build.sh
+	OFFLINE=$(OFFLINE) infra/images/build.sh
 
 ## prefect-docker (not in the lock: only `prefect deploy` of the docker variant needs it) for the host.
 STACK_TOOLS := .cache/stack-tools

@@ -10,10 +10,12 @@ PYTHON="${PYTHON:-python3}"
 
 as_root() { if [[ "$(id -u)" == "0" ]]; then "$@"; else sudo "$@"; fi; }
 
-if ! command -v docker >/dev/null || ! command -v dockerd >/dev/null || ! command -v mmdebstrap >/dev/null; then
-    echo "[engine] installing docker.io and mmdebstrap (apt)"
+# Debian's python3 + pip fill the offline wheelhouse (infra/images/build.sh): the images' interpreter.
+if ! command -v docker >/dev/null || ! command -v dockerd >/dev/null || ! command -v mmdebstrap >/dev/null \
+    || ! /usr/bin/python3 -m pip --version >/dev/null 2>&1; then
+    echo "[engine] installing docker.io, mmdebstrap and python3-pip (apt)"
     as_root apt-get update -qq
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io mmdebstrap >/dev/null
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io mmdebstrap python3-pip >/dev/null
 fi
 
 wait_for() {  # SECONDS COMMAND...

