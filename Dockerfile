@@ -79,6 +79,8 @@ COPY components ./components
 COPY flows ./flows
 COPY deploy ./deploy
 RUN mkdir -p runs data && chown 10001:10001 runs data
+# albumentations looks for a newer release online at every import (a warning and a delay offline).
+ENV NO_ALBUMENTATIONS_UPDATE=1
 # Last, so a new commit rebuilds only these metadata layers.
 ARG GIT_COMMIT=unknown
 LABEL org.opencontainers.image.title="cityseg-ops" \
