@@ -259,3 +259,10 @@ def test_deploy_script_is_valid_bash() -> None:
     script = ROOT / "deploy" / "deploy.sh"
     subprocess.run(["bash", "-n", str(script)], check=True, timeout=30)
     assert script.stat().st_mode & 0o111, "deploy.sh must be executable"
+
+
+def test_no_flow_module_shadows_the_standard_library() -> None:
+    # Prefect puts an entrypoint's directory (flows/) on sys.path, and spawned worker processes inherit
+    # it: flows/secrets.py once replaced the stdlib `secrets` in every trainId worker of a flow-run container.
+    modules = {path.stem for path in (ROOT / "flows").glob("*.py")}
+    assert not modules & set(sys.stdlib_module_names)
