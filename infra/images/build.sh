@@ -16,6 +16,7 @@
 #   EXTRA_CA_FILE      PEM file of an extra CA for pip/apt inside the builds (TLS-intercepting proxy);
 #                      used in build stages only, never in a final image
 #   PIP_INDEX_URL, PIP_EXTRA_INDEX_URL, PIP_FIND_LINKS, PIP_TRUSTED_HOST   passed to online builds
+#   WHEELHOUSE_PORT    loopback port serving the wheelhouse to the builds (default 38081)
 #   CITYSEG_IMAGE      the project image's tag (default cityseg-ops:latest)
 #   WHEEL_PYTHON       the host Python whose pip fills the wheelhouse (default /usr/bin/python3: Debian
 #                      bookworm's 3.11.2, the images' interpreter, so environment markers resolve alike)
@@ -82,7 +83,8 @@ if [[ -n "$OFFLINE" ]]; then
             2> >(grep -v "^WARNING: Location" >&2)
         touch "$stamp"
     fi
-    port="$("$WHEEL_PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+    # A fixed port: the URL is a build argument, part of the layer cache key.
+    port="${WHEELHOUSE_PORT:-38081}"
     "$WHEEL_PYTHON" -m http.server --bind 127.0.0.1 --directory "$wheelhouse" "$port" >/dev/null 2>&1 &
     server_pid=$!
     trap 'kill "$server_pid"' EXIT
