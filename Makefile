@@ -6,7 +6,7 @@ RECIPE ?= demo
 # Idle OpenMP threads sleep instead of spinning: spinning made CPU training ~3x slower on shared cores.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: venv demo test audit lint bench lock clean
+.PHONY: venv demo test audit lint bench lock clean images stack-tools stack-test
 
 venv: $(VENV)/.installed
 
@@ -53,6 +53,28 @@ lint: venv
 ## CPU (and, where CUDA exists, GPU) benchmarks; writes bench/RESULTS.md.
 bench: venv
 	$(PY) -m bench.run
+
+## Every image of the local stack and the project image. OFFLINE=1: no container registry, only a Debian
+## mirror and the PyPI mirror the host's pip uses (see README "Local stack").
+OFFLINE ?=
+images:
+	OFFLINE=$(OFFLINE) infra/images/build.sh
+
+## prefect-docker (not in the lock: only `prefect deploy` of the docker variant needs it) for the host.
+STACK_TOOLS := .cache/stack-tools
+stack-tools: $(STACK_TOOLS)/.installed
+
+$(STACK_TOOLS)/.installed: venv
+	$(PY) -m pip install --quiet --no-deps --target $(STACK_TOOLS) prefect-docker==0.7.4 docker==7.2.0 \
+		python-on-whales==0.81.0 exceptiongroup==1.3.2
+	touch $@
+
+## The containerised path end to end (CI runs it after `make test`): engine, images, compose stack,
+## docker work pool, deployment runs, checks.
+stack-test: venv stack-tools
+	@start=$$(date +%s); PYTHON=$(PY) infra/engine.sh && echo "== engine: $$(( $$(date +%s) - start )) s"
+	@start=$$(date +%s); $(MAKE) --no-print-directory images OFFLINE=1 && echo "== images: $$(( $$(date +%s) - start )) s"
+	$(PY) infra/stack_test.py
 
 ## Refresh the lock file after changing dependencies in pyproject.toml.
 lock: venv

@@ -358,8 +358,6 @@ def _write_overlay(
     plots.save_overlay(image, ground_truth, pred, directory / f"{_frame_key(image_path)}.png")
 
 
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Evaluate a model or baseline on Cityscapes val (official protocol), or score saved "

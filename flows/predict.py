@@ -32,7 +32,7 @@ from components.predict import (
     segment_inputs,
     write_manifest,
 )
-from flows.secrets import export_aws_credentials
+from flows.credentials import export_aws_credentials
 
 logger = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from components.export import export_onnx
 from components.launch import launch_training
 from components.registry import register_model
 from components.storage import atomic_path
-from flows.secrets import cityscapes_credentials, export_aws_credentials
+from flows.credentials import cityscapes_credentials, export_aws_credentials
 
 logger = logging.getLogger(__name__)
 

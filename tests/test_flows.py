@@ -23,8 +23,8 @@ from prefect.testing.utilities import prefect_test_harness
 from components.config import load_config
 from components.data.prepare import dataset_fingerprint
 from components.errors import ConfigError
+from flows.credentials import cityscapes_credentials, export_aws_credentials
 from flows.finetune import finetune, iou_table, mlflow_ui_url
-from flows.secrets import cityscapes_credentials, export_aws_credentials
 from flows.stages import prepare_data
 
 ROOT = Path(__file__).resolve().parent.parent
