@@ -286,6 +286,47 @@ class RegistryConfig(_Strict):
 StageName = Literal["prepare", "evaluate", "train", "export", "register"]
 
 
+class MultiNodeConfig(_Strict):
+    """Multi-node training on Kubernetes (``components/multinode.py`` renders the manifests from this)."""
+
+    engine: Literal["indexed-job", "trainjob"] = "indexed-job"
+    """indexed-job: a batch/v1 Indexed Job + headless Service (no operator needed); trainjob: a Kubeflow
+    Trainer TrainJob (needs the operator and its ``torch-distributed`` runtime)."""
+    nodes: int = 2
+    """Pods (nodes) to start; each runs one torchrun agent with all its GPUs."""
+    min_nodes: int | None = None
+    """Fewest nodes the job keeps training with (torchrun ``--nnodes MIN:MAX``); None = nodes."""
+    gpus_per_node: int = 8
+    """``nvidia.com/gpu`` limit per pod and torchrun ``--nproc-per-node``."""
+    max_restarts: int = 3
+    """torchrun ``--max-restarts``: how often the agents re-form the group after a lost rank or node."""
+    rdzv_port: int = 29400
+    """c10d rendezvous port on pod 0, reached through the headless Service."""
+    namespace: str = "cityseg"
+    service_account: str = "cityseg-runner"
+    credentials_secret: str = "cityseg-credentials"
+    """Kubernetes Secret whose keys become environment variables (AWS_ACCESS_KEY_ID...): manifests name
+    it, never carry its values."""
+    data_claim: str | None = "cityseg-data"
+    """ReadOnlyMany/ReadWriteMany PVC with the prepared dataset at data.root; None = data.source=s3 mirror."""
+    shm_size: str = "16Gi"
+    """In-memory /dev/shm for DataLoader workers."""
+    cpu: str = "32"
+    memory: str = "256Gi"
+    active_deadline_seconds: int = 24 * 3600
+    """The job is stopped after this long, hung or not."""
+    ttl_seconds_after_finished: int = 3600
+    """Finished jobs (and their pods) are deleted after this long."""
+
+    @model_validator(mode="after")
+    def _node_range(self) -> MultiNodeConfig:
+        if self.nodes < 1 or self.gpus_per_node < 1:
+            raise ValueError("nodes and gpus_per_node must be >= 1")
+        if self.min_nodes is not None and not 1 <= self.min_nodes <= self.nodes:
+            raise ValueError(f"min_nodes must be in [1, nodes={self.nodes}], got {self.min_nodes}")
+        return self
+
+
 class OrchestrationConfig(_Strict):
     """How the Prefect flows run the stages (``flows/``); components never read this section."""
 
@@ -299,6 +340,8 @@ class OrchestrationConfig(_Strict):
     """Retries of the network-bound stages (data download/S3, evaluation and registration in MLflow)."""
     retry_delay_seconds: list[float] = [10.0, 60.0, 180.0]
     """Back-off between those retries (the last value repeats)."""
+    multinode: MultiNodeConfig = MultiNodeConfig()
+    """Multi-node training jobs on Kubernetes."""
     mlflow_ui_url: str | None = None
     """Base URL for the MLflow links in the flow's artifacts; None = the tracking URI when it is http(s),
     else ``http://127.0.0.1:5000`` (``mlflow ui``'s default)."""
