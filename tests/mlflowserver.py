@@ -18,7 +18,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.s3server import TEST_CREDENTIALS, free_port, wait_for_http
+import pytest
+
+from tests.s3server import TEST_CREDENTIALS, free_port, moto_server, wait_for_http
 
 
 @dataclass
@@ -88,6 +90,19 @@ def mlflow_server(
         yield MlflowServer(url, bucket, destination, log_path, backend, port)
     finally:
         stop_group(process)
+
+
+@contextmanager
+def proxied_mlflow_server(directory: Path) -> Iterator[tuple[MlflowServer, str]]:
+    """A moto S3 endpoint and an MLflow server proxying artifacts to it; yields (server, S3 endpoint).
+
+    Clients get only the tracking URI: no AWS variables, so S3 is reachable through the server only.
+    """
+    with moto_server() as s3, mlflow_server(directory, s3) as srv, pytest.MonkeyPatch.context() as patch:
+        for name in [*TEST_CREDENTIALS, "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL"]:
+            patch.delenv(name, raising=False)
+        patch.setenv("MLFLOW_TRACKING_URI", srv.tracking_uri)
+        yield srv, s3
 
 
 def stop_group(process: subprocess.Popen) -> None:

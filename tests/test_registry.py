@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.mlflowserver import MlflowServer, mlflow_server
-from tests.s3server import TEST_CREDENTIALS, moto_server
+from tests.mlflowserver import MlflowServer, proxied_mlflow_server
+from tests.s3server import TEST_CREDENTIALS
 from tests.test_export import shared_export, tiny_config
 
 SECRET = TEST_CREDENTIALS["AWS_SECRET_ACCESS_KEY"]
@@ -25,15 +25,8 @@ NAME = "cityscapes-deeplabv3"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[MlflowServer, str]]:
-    """Clients get only the tracking URI: no AWS variables, so S3 is reachable through the server only."""
-    with (
-        moto_server() as s3,
-        mlflow_server(tmp_path_factory.mktemp("mlflow"), s3) as srv,
-        pytest.MonkeyPatch.context() as patch,
-    ):
-        for name in [*TEST_CREDENTIALS, "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL"]:
-            patch.delenv(name, raising=False)
-        patch.setenv("MLFLOW_TRACKING_URI", srv.tracking_uri)
+    """Clients get only the tracking URI (see proxied_mlflow_server)."""
+    with proxied_mlflow_server(tmp_path_factory.mktemp("mlflow")) as (srv, s3):
         yield srv, s3
 
 

@@ -23,8 +23,8 @@ import mlflow
 import numpy as np
 import pytest
 
-from tests.mlflowserver import MlflowServer, mlflow_server, stop_group
-from tests.s3server import TEST_CREDENTIALS, free_port, moto_server, wait_for_http
+from tests.mlflowserver import MlflowServer, proxied_mlflow_server, stop_group
+from tests.s3server import free_port, wait_for_http
 from tests.test_export import shared_export, tiny_config
 
 NAME = "lean-cityscapes-deeplabv3"
@@ -65,14 +65,7 @@ def registered(
     from components.registry import register_model
     from components.tracking import mlflow_run
 
-    with (
-        moto_server() as s3,
-        mlflow_server(tmp_path_factory.mktemp("mlflow"), s3) as srv,
-        pytest.MonkeyPatch.context() as patch,
-    ):
-        for name in [*TEST_CREDENTIALS, "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL"]:
-            patch.delenv(name, raising=False)
-        patch.setenv("MLFLOW_TRACKING_URI", srv.tracking_uri)
+    with proxied_mlflow_server(tmp_path_factory.mktemp("mlflow")) as (srv, _s3):
         checkpoint, exported = shared_export(tmp_path_factory, synthetic_root)
         work = tmp_path_factory.mktemp("lean-run")
         cfg = tiny_config("tracking.system_metrics=false", f"run_dir={work}", f"registry.model_name={NAME}")
