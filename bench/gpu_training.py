@@ -173,7 +173,7 @@ def _run(
     torch.backends.cudnn.benchmark = "autotune" in setup
     ddp: DistributedDataParallel | None = None
     if ours:
-        optimizer = build_optimizer(model, cfg.optimizer, device)
+        optimizer = build_optimizer(model, cfg.optimizer)
         ddp = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
         net: nn.Module = ddp
         if "compile" in setup:

@@ -88,17 +88,18 @@ def bench_inference(
     )
 
 
-def _random_onnx(work_dir: Path, backbone: str) -> tuple[nn.Module, Path]:
+def _random_onnx(work_dir: Path, backbone: str, exporter: str = "dynamo") -> tuple[nn.Module, Path]:
     """DeepLabv3 with random weights (seed 0), exported like the export stage, with the mean/std metadata
     that components.serving reads."""
     import onnx
 
     torch.manual_seed(0)
     net = LogitsOnly(build_model(ModelConfig(backbone=backbone, weights="none"))).eval()
-    path = Path(work_dir) / f"deeplabv3_{backbone}_random_meta.onnx"
+    suffix = "" if exporter == "dynamo" else f"_{exporter}"
+    path = Path(work_dir) / f"deeplabv3_{backbone}_random_meta{suffix}.onnx"
     path.parent.mkdir(parents=True, exist_ok=True)
     if not path.is_file():
-        export_graph(net, path, ExportConfig().opset)
+        export_graph(net, path, ExportConfig().opset, exporter)
         model = onnx.load(str(path))
         onnx.helper.set_model_props(
             model, {"mean": json.dumps(IMAGENET_MEAN), "std": json.dumps(IMAGENET_STD)}
@@ -108,11 +109,18 @@ def _random_onnx(work_dir: Path, backbone: str) -> tuple[nn.Module, Path]:
 
 
 def bench_predict_path(
-    root: Path, work_dir: Path, *, backbone: str = "resnet50", frames: int = 2, repeats: int = 3
+    root: Path,
+    work_dir: Path,
+    *,
+    backbone: str = "resnet50",
+    frames: int = 2,
+    repeats: int = 3,
+    exporter: str = "dynamo",
 ) -> Row:
     """Images/s of the whole ``components.predict`` path on full frames (decode and check, normalise, ONNX,
     argmax, write trainIds + labelIds PNGs) vs a plain PyTorch eager loop doing the same on the same
-    frames (cv2 decode, normalise, forward, argmax, the same two PNGs)."""
+    frames (cv2 decode, normalise, forward, argmax, the same two PNGs). ``exporter``: the export stage's
+    default; the CI smoke test takes the faster torchscript one."""
     import shutil
     import tempfile
 
@@ -121,7 +129,7 @@ def bench_predict_path(
     from components.labels import trainid_to_labelid_lut
     from components.predict import segment_inputs
 
-    net, onnx_path = _random_onnx(work_dir, backbone)
+    net, onnx_path = _random_onnx(work_dir, backbone, exporter)
     sources = sorted((Path(root) / "leftImg8bit" / "val").rglob("*.png"))[:frames]
     folder = Path(work_dir) / f"frames{frames}"
     folder.mkdir(parents=True, exist_ok=True)

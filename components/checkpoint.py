@@ -19,6 +19,8 @@ import hashlib
 import io
 import logging
 import re
+from concurrent.futures import Future, ThreadPoolExecutor
+from types import TracebackType
 from typing import Any
 
 import torch
@@ -52,6 +54,56 @@ def save_checkpoint(
         storage.write_bytes(uri + ".sha256", digest.encode())
     _prune(directory, keep_last)
     return storage.join(directory, names[0])
+
+
+class BackgroundSaver:
+    """Writes checkpoints on a background thread while training goes on: serialising, hashing and writing
+    took ~0.7 s of every ~6 s demo epoch on 2 cores, and a ResNet-50 checkpoint to S3 takes seconds.
+
+    ``save`` snapshots the state (the next step updates the live tensors in place) and returns the URI it
+    will have. At most one write is in flight: ``save`` first waits for the previous one, and leaving the
+    ``with`` block (normally or by an exception, e.g. a SIGTERM stop) waits for the last. A failed write
+    raises from the next ``save`` or from the block's exit."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-writer")
+        self._pending: Future[str] | None = None
+
+    def save(self, state: dict[str, Any], directory: str, *, is_best: bool = False) -> str:
+        self.wait()
+        self._pending = self._pool.submit(save_checkpoint, _snapshot(state), directory, is_best=is_best)
+        return storage.join(directory, epoch_name(int(state["epoch"])))
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def __enter__(self) -> BackgroundSaver:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        try:
+            self.wait()
+        except Exception as write_error:
+            if exc_type is None:
+                raise
+            logger.error("the last checkpoint write failed too: %s", write_error)  # keep the first error
+        finally:
+            self._pool.shutdown()
+
+
+def _snapshot(value: Any) -> Any:
+    """A copy of nested dicts/lists/tuples whose tensors are detached CPU copies."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {key: _snapshot(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_snapshot(item) for item in value)
+    return value
 
 
 def load_checkpoint(uri: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -49,7 +49,7 @@ class ParityReport:
 class ExportResult:
     onnx_path: str
     exporter: str
-    """``dynamo`` or ``torchscript`` (the fallback, used only when the dynamo exporter failed)."""
+    """``dynamo`` or ``torchscript`` (``export.exporter``, or the fallback when dynamo failed)."""
     opset: int
     max_abs_diff: float
     """Worst value over all parity sizes (fp32 model)."""
@@ -100,7 +100,7 @@ def export_onnx(
     batches = parity_batches(data_root, cfg)
     with tempfile.TemporaryDirectory(prefix="cityseg-export-") as tmp:
         staged = Path(tmp) / "model.onnx"
-        exporter = export_graph(net, staged, cfg.export.opset)
+        exporter = export_graph(net, staged, cfg.export.opset, cfg.export.exporter)
         metadata = onnx_metadata(cfg, exporter, source_run_id)
         finalize(staged, metadata)
         parity = check_parity(
@@ -148,30 +148,19 @@ def fp16_path(out_path: str) -> str:
     return f"{stem}.fp16.onnx"
 
 
-def export_graph(net: nn.Module, path: Path, opset: int) -> str:
-    """Write ``net`` as ONNX with dynamic N/H/W; returns the exporter used (``dynamo``/``torchscript``)."""
+def export_graph(net: nn.Module, path: Path, opset: int, exporter: str = "dynamo") -> str:
+    """Write ``net`` as ONNX with dynamic N/H/W with ``exporter`` (``dynamo`` falls back to
+    ``torchscript`` if it fails); returns the exporter used."""
     sample = torch.randn(*_SAMPLE_SHAPE)
-    try:
-        dim = torch.export.Dim.DYNAMIC
-        program = torch.onnx.export(
-            net,
-            (sample,),
-            dynamo=True,
-            opset_version=opset,
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            dynamic_shapes={INPUT_NAME: dict.fromkeys(_DYNAMIC_DIMS, dim)},
-            external_data=False,
-            verbose=False,
-        )
-        program.save(str(path), external_data=False)
-        return "dynamo"
-    except Exception as exc:  # the exporter raises many types; any of them means "try the fallback"
-        logger.warning(
-            "dynamo ONNX exporter failed (%s: %s); falling back to the TorchScript exporter",
-            type(exc).__name__,
-            exc,
-        )
+    if exporter == "dynamo":
+        try:
+            return _dynamo_export(net, sample, path, opset)
+        except Exception as exc:  # the exporter raises many types; any of them means "try the fallback"
+            logger.warning(
+                "dynamo ONNX exporter failed (%s: %s); falling back to the TorchScript exporter",
+                type(exc).__name__,
+                exc,
+            )
     try:
         torch.onnx.export(
             net,
@@ -184,8 +173,27 @@ def export_graph(net: nn.Module, path: Path, opset: int) -> str:
             dynamic_axes={INPUT_NAME: _DYNAMIC_DIMS, OUTPUT_NAME: _DYNAMIC_DIMS},
         )
     except Exception as exc:
-        raise ExportError(f"ONNX export failed with both exporters: {type(exc).__name__}: {exc}") from exc
+        raise ExportError(
+            f"ONNX export failed ({exporter} exporter first): {type(exc).__name__}: {exc}"
+        ) from exc
     return "torchscript"
+
+
+def _dynamo_export(net: nn.Module, sample: torch.Tensor, path: Path, opset: int) -> str:
+    dim = torch.export.Dim.DYNAMIC
+    program = torch.onnx.export(
+        net,
+        (sample,),
+        dynamo=True,
+        opset_version=opset,
+        input_names=[INPUT_NAME],
+        output_names=[OUTPUT_NAME],
+        dynamic_shapes={INPUT_NAME: dict.fromkeys(_DYNAMIC_DIMS, dim)},
+        external_data=False,
+        verbose=False,
+    )
+    program.save(str(path), external_data=False)
+    return "dynamo"
 
 
 def onnx_metadata(cfg: Config, exporter: str, source_run_id: str | None = None) -> dict[str, str]:

@@ -135,7 +135,7 @@ def _train(cfg: Config, ctx: distributed.DistContext, stop: threading.Event) -> 
     val_loader = eval_loader(val_set, batch_size=cfg.evaluate.batch_size, num_workers=cfg.data.num_workers)
 
     raw = build_trainable_model(cfg, device, ctx.world_size)
-    optimizer = build_optimizer(raw, cfg.optimizer, device)
+    optimizer = build_optimizer(raw, cfg.optimizer)
     state = TrainState(
         raw, optimizer, build_scheduler(optimizer, cfg.optimizer, cfg.train.epochs * len(loader))
     )
@@ -156,37 +156,38 @@ def _train(cfg: Config, ctx: distributed.DistContext, stop: threading.Event) -> 
     with _tracking_run(cfg, ctx, plan, state.run_id) as run:
         state.run_id = run.info.run_id if run is not None else None
         last_checkpoint = storage.join(cfg.train.output_dir, checkpoint.epoch_name(state.epoch))
-        for epoch in range(state.epoch, cfg.train.epochs):
-            loader.sampler.set_epoch(epoch)
-            metrics = train_one_epoch(stepper, loader, epoch)
-            if metrics is None:
-                raise TrainingInterrupted(
-                    f"SIGTERM during epoch {epoch + 1}: stopped; {cfg.train.output_dir} holds the last "
-                    f"complete epoch ({epoch}); rerun to resume"
-                )
-            state.epoch, state.metrics = epoch + 1, metrics
-            is_best = False
-            if state.epoch % cfg.train.val_every == 0 or state.epoch == cfg.train.epochs:
-                val = validate(cfg, raw, val_loader, device)
-                state.metrics.update(mlflow_metrics(val), per_class_iou=val["per_class_iou"])
-                is_best = val["miou"] > state.best_miou
-                if is_best:
-                    state.best_miou, state.best_epoch = val["miou"], state.epoch
-                logger.info(
-                    "epoch %d/%d: val mIoU %.4f (best %.4f, epoch %d)",
-                    state.epoch,
-                    cfg.train.epochs,
-                    val["miou"],
-                    state.best_miou,
-                    state.best_epoch,
-                )
-            if ctx.is_main:
-                # Metrics first: a crash in between makes a resume log this epoch twice, never zero times.
-                tracking.log_epoch(state.metrics, state.epoch)
-                last_checkpoint = checkpoint.save_checkpoint(
-                    state.to_checkpoint(cfg), cfg.train.output_dir, is_best=is_best
-                )
-            distributed.barrier()
+        with checkpoint.BackgroundSaver() as saver:  # the last write lands before the result
+            for epoch in range(state.epoch, cfg.train.epochs):
+                loader.sampler.set_epoch(epoch)
+                metrics = train_one_epoch(stepper, loader, epoch)
+                if metrics is None:
+                    raise TrainingInterrupted(
+                        f"SIGTERM during epoch {epoch + 1}: stopped; {cfg.train.output_dir} holds the last "
+                        f"complete epoch ({epoch}); rerun to resume"
+                    )
+                state.epoch, state.metrics = epoch + 1, metrics
+                is_best = False
+                if state.epoch % cfg.train.val_every == 0 or state.epoch == cfg.train.epochs:
+                    val = validate(cfg, raw, val_loader, device)
+                    state.metrics.update(mlflow_metrics(val), per_class_iou=val["per_class_iou"])
+                    is_best = val["miou"] > state.best_miou
+                    if is_best:
+                        state.best_miou, state.best_epoch = val["miou"], state.epoch
+                    logger.info(
+                        "epoch %d/%d: val mIoU %.4f (best %.4f, epoch %d)",
+                        state.epoch,
+                        cfg.train.epochs,
+                        val["miou"],
+                        state.best_miou,
+                        state.best_epoch,
+                    )
+                if ctx.is_main:
+                    # Metrics first: a crash in between makes a resume log this epoch twice, never zero times.
+                    tracking.log_epoch(state.metrics, state.epoch)
+                    last_checkpoint = saver.save(
+                        state.to_checkpoint(cfg), cfg.train.output_dir, is_best=is_best
+                    )
+                distributed.barrier()
         result = TrainResult(
             best_checkpoint=storage.join(cfg.train.output_dir, checkpoint.BEST),
             last_checkpoint=last_checkpoint,

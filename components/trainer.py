@@ -296,7 +296,7 @@ def configure_determinism(train_cfg: TrainConfig, device: torch.device) -> None:
 
 
 def uses_channels_last(cfg: Config, device: torch.device) -> bool:
-    return cfg.train.channels_last and device.type == "cuda"
+    return cfg.train.channels_last and (device.type == "cuda" or cfg.train.dtype == "float32")
 
 
 def _stop_requested(run: Stepper) -> bool:

@@ -68,6 +68,8 @@ def mlflow_server(
         **{k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_"))},
         **TEST_CREDENTIALS,
         "MLFLOW_S3_ENDPOINT_URL": s3_endpoint,
+        # MLflow 3's job runner (GenAI jobs) starts ~8 extra processes; nothing here uses it.
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
     }
     log_path = workdir / f"server-{port}.log"
     with log_path.open("ab") as log_file:
@@ -79,6 +81,7 @@ def mlflow_server(
                 "--artifacts-destination", destination,
             ],
             env=env,
+            stdin=subprocess.DEVNULL,
             stdout=log_file,
             stderr=subprocess.STDOUT,
             cwd=workdir,

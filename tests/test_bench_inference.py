@@ -12,7 +12,9 @@ import torch
 def test_predict_path_row_matches_the_eager_loop(synthetic_root: Path, tmp_path: Path) -> None:
     from bench.inference import bench_predict_path
 
-    row = bench_predict_path(synthetic_root, tmp_path, backbone="mobilenet_v3_large", frames=2, repeats=1)
+    row = bench_predict_path(
+        synthetic_root, tmp_path, backbone="mobilenet_v3_large", frames=2, repeats=1, exporter="torchscript"
+    )
     assert row.unit == "images/s" and row.ours > 0 and row.reference > 0
     assert row.identical is True, row.notes  # argmax agreement >= the export gate's 99.9%
     assert "64x128 frames" in row.what and row.target == ">= 1.5x"

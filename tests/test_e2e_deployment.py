@@ -56,7 +56,13 @@ class Stack:
 def _start(command: list[str], env: dict[str, str], log_path: Path, cwd: Path) -> subprocess.Popen:
     with log_path.open("ab") as log:
         return subprocess.Popen(
-            command, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            command,
+            env=env,
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
 
 

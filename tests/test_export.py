@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,12 @@ import torch
 from components.config import Config, load_config
 from components.export import ExportResult
 
-PARITY_OVERRIDES = ["export.parity_sizes=[[64,128],[48,96]]", "export.parity_images=2"]
+# The default (dynamo) exporter, which the demo recipe swaps for the faster torchscript one.
+PARITY_OVERRIDES = [
+    "export.parity_sizes=[[64,128],[48,96]]",
+    "export.parity_images=2",
+    "export.exporter=dynamo",
+]
 
 
 def tiny_config(*overrides: str) -> Config:
@@ -38,22 +44,28 @@ def make_checkpoint(directory: Path, seed: int = 0, cfg: Config | None = None) -
     return save_checkpoint(state, str(directory))
 
 
-_EXPORTS: dict[Path, tuple[str, ExportResult]] = {}
-
-
 def shared_export(tmp_path_factory: pytest.TempPathFactory, synthetic_root: Path) -> tuple[str, ExportResult]:
-    """One real export per test session (15-30 s on CPU), shared by the model-delivery tests."""
+    """One real export per test run (15-40 s on CPU), shared by the model-delivery tests and, under
+    pytest-xdist, by all workers (pytest-xdist's documented file-lock recipe): the checkpoint (seed 0)
+    and the synthetic data (seed 0) are the same in every worker."""
+    import pickle
+
+    from filelock import FileLock
+
     from components.export import export_onnx
 
-    if synthetic_root not in _EXPORTS:
-        tmp = tmp_path_factory.mktemp("export")
-        checkpoint = make_checkpoint(tmp / "ckpt")
-        out = str(tmp / "onnx" / "model.onnx")
-        _EXPORTS[synthetic_root] = (
-            checkpoint,
-            export_onnx(checkpoint, out, str(synthetic_root), tiny_config(), source_run_id="run-123"),
-        )
-    return _EXPORTS[synthetic_root]
+    run_temp = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # basetemp is this run's <run>/popen-gwN
+        run_temp = run_temp.parent
+    shared = run_temp / "shared-export"
+    done = shared / "result.pickle"
+    with FileLock(f"{shared}.lock"):
+        if not done.is_file():
+            checkpoint = make_checkpoint(shared / "ckpt")
+            out = str(shared / "onnx" / "model.onnx")
+            result = export_onnx(checkpoint, out, str(synthetic_root), tiny_config(), source_run_id="run-123")
+            done.write_bytes(pickle.dumps((checkpoint, result)))
+        return pickle.loads(done.read_bytes())
 
 
 @pytest.fixture
@@ -63,9 +75,8 @@ def exported(tmp_path_factory: pytest.TempPathFactory, synthetic_root: Path) -> 
 
 @pytest.mark.slow
 def test_export_passes_gate_and_carries_metadata(exported, synthetic_root: Path) -> None:
-    from components.export import LogitsOnly, read_metadata
+    from components.export import read_metadata
     from components.labels import CLASS_NAMES, TRAIN_ID_TO_LABEL_ID
-    from components.model import load_model
 
     checkpoint, result = exported
     path = Path(result.onnx_path)
@@ -88,15 +99,35 @@ def test_export_passes_gate_and_carries_metadata(exported, synthetic_root: Path)
     assert meta["input"]["layout"] == "NCHW" and meta["git_commit"]
     assert all(isinstance(json.loads(p.value), object) for p in model.metadata_props)
 
-    # Dynamic N/H/W: a size and batch the gate never saw still matches PyTorch.
+    _assert_dynamic_shapes_match_pytorch(path, checkpoint)
+
+
+def _assert_dynamic_shapes_match_pytorch(onnx_path: Path, checkpoint: str) -> None:
+    """A size and batch the gate never saw still matches PyTorch."""
+    from components.export import LogitsOnly
+    from components.model import load_model
+
     net = LogitsOnly(load_model(checkpoint)[0]).eval()
     images = torch.randn(3, 3, 40, 72)
     with torch.no_grad():
         expected = net(images).numpy()
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     actual = session.run(None, {"image": images.numpy()})[0]
     assert actual.shape == (3, 19, 40, 72)
     assert np.abs(actual - expected).max() <= 1e-3
+
+
+def test_torchscript_exporter_passes_the_same_gate(synthetic_root: Path, tmp_path: Path) -> None:
+    from components.export import export_onnx, read_metadata
+
+    checkpoint = make_checkpoint(tmp_path / "ckpt")
+    out = tmp_path / "onnx" / "model.onnx"
+    result = export_onnx(
+        checkpoint, str(out), str(synthetic_root), tiny_config("export.exporter=torchscript")
+    )
+    assert result.exporter == "torchscript" and read_metadata(out)["exporter"] == "torchscript"
+    assert result.max_abs_diff <= 1e-3 and result.argmax_agreement >= 0.999
+    _assert_dynamic_shapes_match_pytorch(out, checkpoint)
 
 
 @pytest.mark.slow
@@ -126,7 +157,7 @@ def test_rejected_export_publishes_nothing(
 
     stale_graph = exported[1].onnx_path
 
-    def broken_export_graph(net: torch.nn.Module, path: Path, opset: int) -> str:
+    def broken_export_graph(net: torch.nn.Module, path: Path, opset: int, exporter: str) -> str:
         shutil.copyfile(stale_graph, path)
         return "dynamo"
 

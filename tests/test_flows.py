@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from uuid import UUID
@@ -44,11 +45,18 @@ def _tiny_data(root: Path) -> list[str]:
     ]
 
 
-def _task_states(flow_run_id: UUID) -> dict[str, str]:
+def _task_states(flow_run_id: UUID, timeout: float = 30) -> dict[str, str]:
+    """Task run states of a finished flow run. Prefect 3 records task states from events, which the
+    server may persist a moment after the flow returned: wait until every task run has one."""
+    deadline = time.monotonic() + timeout
     with get_client(sync_client=True) as client:
-        task_runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
-        )
+        while True:
+            task_runs = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+            )
+            if (task_runs and all(run.state for run in task_runs)) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
     # Task run names are "<task name>-<short id>".
     return {run.name.rsplit("-", 1)[0]: run.state.name for run in task_runs}
 
@@ -145,6 +153,7 @@ def test_flow_cli_makes_one_parent_mlflow_run_and_prints_no_error(tmp_path: Path
     overrides = [
         *_tiny_data(tmp_path / "data"),
         f"run_dir={tmp_path / 'run'}",
+        f"train.output_dir={tmp_path / 'run' / 'train'}",
         f"tracking.tracking_uri={uri}",
         "tracking.system_metrics=false",
         "data.num_workers=0",

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from tests.mlflowserver import MlflowServer, proxied_mlflow_server, stop_group
-from tests.s3server import free_port, wait_for_http
+from tests.s3server import LOOPBACK, free_port, wait_for_http
 from tests.test_export import shared_export, tiny_config
 
 NAME = "lean-cityscapes-deeplabv3"
@@ -140,7 +140,7 @@ def test_champion_loads_and_serves_from_a_lean_environment(
         server = subprocess.Popen(
             [str(lean_python), "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local",
              "--host", "127.0.0.1", "--port", str(port)],
-            cwd=outside, env=activated, stdout=log_file, stderr=subprocess.STDOUT,
+            cwd=outside, env=activated, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
             start_new_session=True,
         )  # fmt: skip
     try:
@@ -150,7 +150,7 @@ def test_champion_loads_and_serves_from_a_lean_environment(
             data=json.dumps({"inputs": RGB.tolist()}).encode(),
             headers={"Content-Type": "application/json"},
         )
-        with urllib.request.urlopen(request, timeout=120) as response:
+        with LOOPBACK.open(request, timeout=120) as response:
             answer = json.loads(response.read())
     finally:
         stop_group(server)

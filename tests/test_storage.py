@@ -47,3 +47,20 @@ def test_atomic_path_leaves_nothing_when_the_writer_fails(tmp_path):
         tmp.write_bytes(b"half")
         raise RuntimeError("writer crashed")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_background_saver_writes_a_snapshot_and_reports_a_failed_write(tmp_path):
+    weights = torch.zeros(2)
+    with checkpoint.BackgroundSaver() as saver:
+        uri = saver.save({"epoch": 1, "model": {"w": weights}}, str(tmp_path / "ckpt"), is_best=True)
+        weights.add_(1.0)  # the next optimizer step updates the live tensors in place
+    assert uri == str(tmp_path / "ckpt" / "epoch_0001.pt")
+    for name in ("epoch_0001.pt", "best.pt"):
+        assert torch.equal(
+            checkpoint.load_checkpoint(str(tmp_path / "ckpt" / name))["model"]["w"], torch.zeros(2)
+        )
+
+    occupied = tmp_path / "a-file"
+    occupied.write_text("not a directory")
+    with pytest.raises(OSError), checkpoint.BackgroundSaver() as saver:
+        saver.save(_state(1), str(occupied / "ckpt"))

@@ -88,7 +88,7 @@ def test_strong_schedule_warms_up_then_decays_polynomially() -> None:
     groups = param_groups(model, opt_cfg)
     assert [g["lr"] for g in groups] == [0.02, 0.2]  # head at 10x (strong recipe)
     assert [len(g["params"]) for g in groups] == [2, 2]
-    optimizer = build_optimizer(model, opt_cfg, torch.device("cpu"))
+    optimizer = build_optimizer(model, opt_cfg)
     scheduler = build_scheduler(optimizer, opt_cfg, total)
     for _ in range(10):
         optimizer.step()

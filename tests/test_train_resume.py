@@ -58,6 +58,7 @@ def _start(config: Path) -> subprocess.Popen:
         [sys.executable, "-m", "components.train", "--recipe", str(config)],
         cwd=REPO,
         env=env,
+        stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,

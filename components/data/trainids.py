@@ -26,6 +26,7 @@ POLYGON_SUFFIX = "_polygons.json"
 TRAINID_SUFFIX = "_labelTrainIds.png"
 # The same search as cityscapesscripts' createTrainIdLabelImgs.py: fine, then coarse annotations.
 ANNOTATION_GLOBS = ("gtFine/*/*/*_gt*_polygons.json", "gtCoarse/*/*/*_gt*_polygons.json")
+ANNOTATIONS_PER_AUTO_WORKER = 64
 _PNG_END = b"IEND\xaeB`\x82"  # type and CRC of the last chunk of every complete PNG
 
 
@@ -36,7 +37,8 @@ def trainid_path(polygons: Path) -> Path:
 def create_trainid_labels(root: Path, workers: int | None = None, progress: bool = True) -> int:
     """Write the missing or outdated trainId label images under ``root``; returns how many were written.
 
-    ``workers`` processes (None = all cores) convert the annotations in chunks.
+    ``workers`` processes (None = all cores, but at most one per 64 annotations) convert the annotations
+    in chunks.
     """
     root = Path(root)
     annotations = [path for pattern in ANNOTATION_GLOBS for path in sorted(root.glob(pattern))]
@@ -50,7 +52,11 @@ def create_trainid_labels(root: Path, workers: int | None = None, progress: bool
     if not todo:
         return 0
 
-    workers = min(workers or os.cpu_count() or 1, len(todo))
+    if workers is None:
+        # A worker process pays off only with enough work: under spawn it starts in seconds (imports),
+        # while one annotation converts in ~0.1 s.
+        workers = min(os.cpu_count() or 1, max(1, len(todo) // ANNOTATIONS_PER_AUTO_WORKER))
+    workers = min(workers, len(todo))
     with tqdm(total=len(todo), desc="trainId labels", unit="img", disable=not progress) as bar:
         if workers == 1:
             for path in todo:
