@@ -174,7 +174,8 @@ def export_graph(net: nn.Module, path: Path, opset: int, exporter: str = "dynamo
         )
     except Exception as exc:
         raise ExportError(
-            f"ONNX export failed ({exporter} exporter first): {type(exc).__name__}: {exc}"
+            f"ONNX export failed ({'both exporters' if exporter == 'dynamo' else 'torchscript exporter'}): "
+            f"{type(exc).__name__}: {exc}"
         ) from exc
     return "torchscript"
 
