@@ -77,7 +77,10 @@ def run_benchmarks(
         from bench.inference import bench_inference, bench_inference_gpu, bench_predict_path
 
         add(bench_inference(work_dir / "inference", repeats=repeats))
-        add(bench_predict_path(root, work_dir / "inference", repeats=min(repeats, 3)))
+        for precision in ("fp32", "int8"):
+            add(
+                bench_predict_path(root, work_dir / "inference", repeats=min(repeats, 3), precision=precision)
+            )
         add(bench_inference_gpu(work_dir / "inference"))
     if "gpu" in only:
         from bench.gpu_training import bench_gpu_training

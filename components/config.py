@@ -277,6 +277,14 @@ class ExportConfig(_Strict):
     """Parity bar for the fp16 variant (looser)."""
     fp16_min_argmax_agreement: float = 0.99
     """Argmax agreement bar for the fp16 variant."""
+    int8: bool = False
+    """Also write an int8 ONNX variant for CPU inference (``predict --precision int8``): static QDQ
+    quantization of the convolutions (per-channel weights) by onnxruntime, calibrated on training images;
+    the classifier's last convolution and the upsampling stay float32."""
+    int8_min_argmax_agreement: float = 0.98
+    """Argmax agreement bar for the int8 variant (its logits are judged by argmax only)."""
+    calibration_images: int = 8
+    """Training images the int8 calibration runs (at the first parity size)."""
 
 
 class RegistryConfig(_Strict):

@@ -26,6 +26,7 @@ from components.cli import run_cli
 from components.config import Config, load_config
 from components.errors import ExportError
 from components.labels import CLASS_NAMES, PALETTE, TRAIN_ID_TO_LABEL_ID
+from components.serving import variant_path
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +59,8 @@ class ExportResult:
     metadata: dict[str, str]
     fp16_path: str | None = None
     fp16_parity: list[ParityReport] = field(default_factory=list)
+    int8_path: str | None = None
+    int8_parity: list[ParityReport] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -126,8 +129,17 @@ def export_onnx(
                 cfg.export.fp16_min_argmax_agreement,
                 "fp16",
             )
-            result.fp16_path = fp16_path(str(out_path))
+            result.fp16_path = variant_path(str(out_path), "fp16")
             storage.upload(staged16, result.fp16_path)
+        if cfg.export.int8:
+            staged8 = Path(tmp) / "model.int8.onnx"
+            quantize_int8(staged, staged8, calibration_batches(data_root, cfg))
+            # Quantization shifts every logit a little; what users see is the argmax.
+            result.int8_parity = check_parity(
+                staged8, net, batches, float("inf"), cfg.export.int8_min_argmax_agreement, "int8"
+            )
+            result.int8_path = variant_path(str(out_path), "int8")
+            storage.upload(staged8, result.int8_path)
         # Only a model that passed every gate is published (atomically for local paths).
         storage.upload(staged, str(out_path))
     logger.info(
@@ -140,12 +152,6 @@ def export_onnx(
         result.argmax_agreement,
     )
     return result
-
-
-def fp16_path(out_path: str) -> str:
-    """``model.onnx`` -> ``model.fp16.onnx`` (beside it)."""
-    stem = out_path[: -len(".onnx")] if out_path.endswith(".onnx") else out_path
-    return f"{stem}.fp16.onnx"
 
 
 def export_graph(net: nn.Module, path: Path, opset: int, exporter: str = "dynamo") -> str:
@@ -266,6 +272,59 @@ def convert_fp16(src: Path, dst: Path) -> None:
     converted.topological_sort()  # the converter leaves its input casts out of order
     onnx.checker.check_model(converted.model)
     onnx.save(converted.model, str(dst))
+
+
+def quantize_int8(src: Path, dst: Path, calibration: list[np.ndarray]) -> None:
+    """An int8 copy for CPU inference: onnxruntime's static QDQ quantization of the convolutions
+    (per-channel int8 weights, uint8 activations whose ranges come from ``calibration``, batches of
+    normalised images). The last convolution (the logits) and everything after it stay float32, so the
+    upsampled logits are not rounded to 256 levels before the argmax. Inputs and outputs stay float32."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter(calibration)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            batch = next(self.batches, None)
+            return None if batch is None else {INPUT_NAME: batch}
+
+    with tempfile.TemporaryDirectory(prefix="cityseg-quantize-") as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        # Constant folding and shape inference first, as onnxruntime recommends before quantization.
+        quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
+        convs = [node.name for node in onnx.load(str(prepared)).graph.node if node.op_type == "Conv"]
+        quantize_static(
+            str(prepared),
+            str(dst),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=["Conv"],
+            nodes_to_exclude=convs[-1:],
+        )
+    model = onnx.load(str(dst))
+    metadata = {prop.key: prop.value for prop in onnx.load(str(src)).metadata_props}
+    onnx.helper.set_model_props(model, {**metadata, "precision": json.dumps("int8")})
+    onnx.checker.check_model(model)
+    onnx.save(model, str(dst))
+
+
+def calibration_batches(data_root: str, cfg: Config) -> list[np.ndarray]:
+    """``cfg.export.calibration_images`` training images, one per batch, at the first parity size
+    (activation ranges barely depend on resolution; the gate then checks other images and sizes)."""
+    from components.data.dataset import CityscapesSegmentation
+    from components.data.transforms import eval_transform
+
+    size = cfg.export.parity_sizes[0]
+    dataset = CityscapesSegmentation(data_root, "train", transform=eval_transform(cfg.augment, resize=size))
+    count = min(cfg.export.calibration_images, len(dataset))
+    if count < 1:
+        raise ExportError(f"int8 calibration needs training images, but {data_root} has none")
+    return [dataset[i][0][None].numpy() for i in range(count)]
 
 
 def parity_batches(data_root: str, cfg: Config) -> list[tuple[tuple[int, int], torch.Tensor]]:

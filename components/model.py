@@ -136,10 +136,11 @@ def _load_registered(uri: str, map_location: str | torch.device) -> tuple[nn.Mod
     import yaml
     from mlflow.exceptions import MlflowException
 
-    from components.registry import registered_version
+    from components.registry import download_through_the_server, registered_version
 
     client = mlflow.MlflowClient()
     name, version = registered_version(client, uri)
+    download_through_the_server()
     try:
         run_id = client.get_model_version(name, version).run_id
         # By version, not alias: the weights and config.yaml must come from one version even if the

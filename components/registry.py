@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -44,7 +45,7 @@ from components import storage, tracking
 from components.cli import run_cli
 from components.config import Config, load_config
 from components.errors import MLFLOW_NOT_FOUND_CODES, ModelError, RegistryError, StorageError
-from components.serving import BUNDLED_MODULES, SERVING_REQUIREMENTS
+from components.serving import BUNDLED_MODULES, SERVING_REQUIREMENTS, variant_path
 
 logger = logging.getLogger(__name__)
 
@@ -202,12 +203,17 @@ def _log_and_register(
     # A retried attempt (MLflow or S3 outage) must not leave a model-sized copy behind in /tmp.
     with tempfile.TemporaryDirectory(prefix="cityseg-registry-") as scratch, run:
         local_onnx = storage.copy_to_local(onnx_path, Path(scratch, "model.onnx"))
+        variants = {}
+        if cfg.export.int8:  # the export stage wrote it beside the fp32 file
+            int8_uri = variant_path(onnx_path, "int8")
+            variants["int8"] = str(storage.copy_to_local(int8_uri, Path(scratch, "model.int8.onnx")))
         info = mlflow.models.Model.log(
             artifact_path=None,
             name=MODEL_NAME,
             flavor=_SegmenterFlavor,
             pytorch_model=model,
             onnx_file=str(local_onnx),
+            onnx_variants=variants,
             signature=mask_signature(),
             input_example=np.zeros((1, 32, 64, 3), dtype=np.uint8),
             pip_requirements=_pinned_requirements(SERVING_REQUIREMENTS),
@@ -278,6 +284,18 @@ def _float(tags: dict[str, str], key: str) -> float | None:
     return float(tags[key]) if key in tags else None
 
 
+def download_through_the_server() -> None:
+    """Fetch registered artifacts through the tracking server unless the user chose otherwise.
+
+    MLflow 3 clients ask a server that proxies an S3 store (``--serve-artifacts``) for presigned URLs and
+    download from the store directly. Those URLs carry the store's address as the *server* reaches it
+    (``http://seaweedfs:8333`` in infra/docker-compose.yml), which hosts outside the server's network
+    cannot resolve: the download then hangs in retries. Proxied downloads need no route to the store
+    and no S3 keys; ``MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD=true`` brings the direct path back where
+    the store is reachable."""
+    os.environ.setdefault("MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD", "false")
+
+
 def registered_version(client: Any, model_uri: str) -> tuple[str, str]:
     """(name, version) of a ``models:/name@alias`` or ``models:/name/version`` URI. An unknown alias or
     model is a ModelError that lists what the registry does have."""
@@ -346,7 +364,14 @@ class _SegmenterFlavor:
     __name__ = "cityseg_segmenter"
 
     @staticmethod
-    def save_model(path: str, mlflow_model: Any, pytorch_model: Any, onnx_file: str, **kwargs: Any) -> None:
+    def save_model(
+        path: str,
+        mlflow_model: Any,
+        pytorch_model: Any,
+        onnx_file: str,
+        onnx_variants: dict[str, str],
+        **kwargs: Any,
+    ) -> None:
         import components
 
         # pickle, not pt2: pt2 would trace the network with the *mask* model's uint8 input example. No
@@ -357,6 +382,8 @@ class _SegmenterFlavor:
         target = Path(path, ONNX_SUBPATH)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(onnx_file, target)
+        for precision, variant in onnx_variants.items():  # e.g. onnx/model.int8.onnx for predict --precision
+            shutil.copyfile(variant, variant_path(str(target), precision))
         # The serving code: the lean modules only, so loading the pyfunc never imports the training stack.
         bundle = Path(path, "code", "components")
         bundle.mkdir(parents=True)

@@ -23,6 +23,19 @@ SERVING_REQUIREMENTS = ("mlflow-skinny", "onnxruntime", "numpy", "pandas")
 BUNDLED_MODULES = ("__init__.py", "errors.py", "labels.py", "serving.py")
 """The files of ``components/`` that a registered model carries in its ``code/components/``."""
 
+PRECISIONS = ("fp32", "fp16", "int8")
+"""ONNX variants the export stage can write beside ``model.onnx`` (fp16 for GPUs, int8 for CPUs)."""
+
+
+def variant_path(onnx_path: str, precision: str) -> str:
+    """``model.onnx`` -> ``model.<precision>.onnx`` (beside it); fp32 is the file itself."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "fp32":
+        return onnx_path
+    stem = onnx_path[: -len(".onnx")] if onnx_path.endswith(".onnx") else onnx_path
+    return f"{stem}.{precision}.onnx"
+
 
 class Segmenter:
     """An onnxruntime session plus the normalisation its metadata prescribes."""

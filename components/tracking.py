@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import platform
 import subprocess
@@ -32,6 +33,9 @@ from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_I
 from components.config import Config
 from components.data.layout import IMAGE_SUFFIX
 from components.data.prepare import dataset_fingerprint
+from components.errors import MLFLOW_NOT_FOUND_CODES
+
+logger = logging.getLogger(__name__)
 
 
 def configure(cfg: Config) -> str:
@@ -99,11 +103,30 @@ def mlflow_run(
 @contextmanager
 def training_run(cfg: Config, tags: Mapping[str, str], run_id: str | None = None) -> Iterator[Any]:
     """The training job's run (a child of ``tracking.parent_run_id`` when set), continued when ``run_id``
-    is given (a resumed job); a new run records the dataset it trains on."""
+    is given (a resumed job) and the tracking store has it; a new run records the dataset it trains on."""
+    configure(cfg)
+    if run_id is not None and not _run_exists(run_id):
+        # The checkpoint came from another tracking store (a recreated server, a copied output_dir).
+        logger.warning(
+            "the checkpoint's MLflow run %s is not in %s: the resumed training logs to a new run",
+            run_id,
+            mlflow.get_tracking_uri(),
+        )
+        run_id = None
     with mlflow_run(cfg, f"train-{cfg.recipe}-{cfg.model.backbone}", tags, run_id=run_id) as run:
         if run_id is None:
             log_dataset(cfg, "training")
         yield run
+
+
+def _run_exists(run_id: str) -> bool:
+    try:
+        mlflow.MlflowClient().get_run(run_id)
+    except mlflow.exceptions.MlflowException as exc:
+        if exc.error_code in MLFLOW_NOT_FOUND_CODES:
+            return False
+        raise
+    return True
 
 
 def log_epoch(metrics: Mapping[str, Any], epoch: int) -> None:

@@ -164,6 +164,10 @@ def finetune(recipe: str = "strong", overrides: list[str] | None = None) -> dict
 def _pipeline(cfg: Config, recipe: str, overrides: list[str]) -> dict[str, Any]:
     """The stages in order; ``overrides`` name the parent MLflow run, the prepared root is added here."""
     work_dir = join(cfg.run_dir, "flow-runs", str(flow_run.id))
+    if not any(override.startswith("train.output_dir=") for override in overrides):
+        # Each flow run trains in its own folder: a retry of this flow run resumes there, a new run trains
+        # afresh (and registers a new version); train.output_dir=<dir> in the overrides pins a folder.
+        overrides = [*overrides, f"train.output_dir={join(work_dir, 'train')}"]
     prepared = run_stage(cfg, "prepare", prepare_data, recipe=recipe, overrides=overrides)
     data_root = prepared["root"]
     config = {"recipe": recipe, "overrides": [*overrides, f"data.root={data_root}"]}

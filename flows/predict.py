@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, Literal
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
@@ -62,6 +62,7 @@ def predict(
     max_side: int = 2048,
     overlays: bool = True,
     skip_bad: bool = False,
+    precision: Literal["fp32", "fp16", "int8"] = "fp32",
     retries: int = 2,
 ) -> dict[str, Any]:
     """Segment ``inputs`` (folder or s3:// prefix) into ``output`` (folder or s3:// prefix) with ``model``
@@ -72,7 +73,7 @@ def predict(
     started = time.perf_counter()
     refs = list_inputs(inputs)
     check_collisions(refs)
-    _, version = resolve_model(model)  # downloads the ONNX once, into the cache the shards read
+    _, version = resolve_model(model, precision=precision)  # downloads the ONNX once, into the cache the shards read
     model_uri = f"models:/{version.name}/{version.version}" if model.startswith("models:/") else model
     groups = [refs[i::shards] for i in range(min(shards, len(refs)))]
     checks = [check_task.submit(group, MAX_PIXELS) for group in groups]
@@ -80,7 +81,13 @@ def predict(
     if problems and not skip_bad:
         refuse(problems)
     progress = create_progress_artifact(0.0, key="predict-progress", description=f"{len(refs)} inputs")
-    options = {"batch_size": batch_size, "max_side": max_side, "overlays": overlays, "skip_bad": skip_bad}
+    options = {
+        "batch_size": batch_size,
+        "max_side": max_side,
+        "overlays": overlays,
+        "skip_bad": skip_bad,
+        "precision": precision,
+    }
     shard_task = segment_task.with_options(retries=retries, retry_delay_seconds=5)
     futures = [shard_task.submit(model_uri, group, output, i, options) for i, group in enumerate(groups)]
     results = []
@@ -92,7 +99,7 @@ def predict(
     seconds = time.perf_counter() - started
     segmented = sum(r["segmented"] for r in results)
     summary = {
-        "model": f"{version.name} v{version.version}",
+        "model": f"{version.name} v{version.version} ({version.precision})",
         "inputs": len(refs),
         "segmented": segmented,
         "resumed": sum(r["resumed"] for r in results),

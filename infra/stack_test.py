@@ -87,10 +87,20 @@ def host_env() -> dict[str, str]:
     return env
 
 
-def sh(*args: str, timeout: float = 1800, check_rc: bool = True, quiet: bool = False) -> str:
+def sh(
+    *args: str, timeout: float = 1800, check_rc: bool = True, quiet: bool = False, stdin: str | None = None
+) -> str:
     print("$ " + " ".join(args), flush=True)
     result = subprocess.run(
-        args, cwd=ROOT, env=host_env(), capture_output=True, text=True, timeout=timeout, check=False
+        args,
+        cwd=ROOT,
+        env=host_env(),
+        input=stdin,
+        stdin=None if stdin is not None else subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
     out = result.stdout + result.stderr
     if not quiet or result.returncode:
@@ -213,6 +223,9 @@ def main() -> int:
             check_rc=False,
             quiet=True,
         )
+        # The flow-run containers' volumes are created by Docker on first use, not by compose, so
+        # `down --volumes` keeps them: a stale runs/ would resume the last test's training.
+        sh("docker", "volume", "rm", "--force", "cityseg-runs", "cityseg-data", quiet=True)
         creds = write_env(sentinel)
         sh(*COMPOSE, "up", "-d", "--wait", timeout=900)
 
@@ -249,13 +262,14 @@ def main() -> int:
     with phase("deploy the docker variant"):
         sh("deploy/deploy.sh", "docker", timeout=600)
         # Secrets live in Secret blocks, never in parameters; the sentinel must not leak from them.
+        # (read from stdin, so that the command line printed here does not carry it)
         sh(
             sys.executable,
             "-c",
             "from prefect.blocks.system import Secret; import sys; "
-            "Secret(value=sys.argv[1]).save('cityscapes-password', overwrite=True)",
-            cityscapes_sentinel,
+            "Secret(value=sys.stdin.read()).save('cityscapes-password', overwrite=True)",
             quiet=True,
+            stdin=cityscapes_sentinel,
         )
 
     with ContainerWatcher() as watcher:

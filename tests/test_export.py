@@ -170,6 +170,48 @@ def test_rejected_export_publishes_nothing(
     assert not out.parent.exists() or list(out.parent.iterdir()) == []
 
 
+@pytest.mark.slow
+def test_int8_variant_is_gated_and_published_beside_the_fp32_file(
+    tmp_path: Path, synthetic_root: Path
+) -> None:
+    from components.errors import ExportError
+    from components.export import export_onnx, read_metadata
+    from components.serving import Segmenter
+
+    checkpoint = make_checkpoint(tmp_path / "ckpt")
+    out = tmp_path / "out" / "model.onnx"
+    # Random weights: logits nearly tie everywhere, so quantization flips more pixels than on a trained
+    # model (the demo recipe's trained model is gated at the default 0.98 in the end-to-end tests).
+    int8 = ["export.exporter=torchscript", "export.int8=true", "export.calibration_images=4"]
+    result = export_onnx(
+        checkpoint, str(out), str(synthetic_root), tiny_config(*int8, "export.int8_min_argmax_agreement=0.9")
+    )
+    assert result.int8_path == str(out.with_name("model.int8.onnx"))
+    variant = Path(result.int8_path)
+    assert variant.stat().st_size < 0.5 * out.stat().st_size  # int8 weights
+    ops = {node.op_type for node in onnx.load(str(variant)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    assert [r.size for r in result.int8_parity] == [(64, 128), (48, 96)]
+    assert all(0.9 <= r.argmax_agreement < 1.0 for r in result.int8_parity), result.int8_parity
+    metadata = read_metadata(variant)
+    assert metadata["precision"] == "int8" and metadata["mean"] == read_metadata(out)["mean"]
+    images = np.random.default_rng(0).integers(0, 256, (2, 48, 96, 3), dtype=np.uint8)
+    masks = Segmenter(variant, ["CPUExecutionProvider"]).masks(images)
+    assert masks.shape == (2, 48, 96) and masks.dtype == np.uint8
+
+    rejected = tmp_path / "rejected" / "model.onnx"
+    with pytest.raises(
+        ExportError, match=r"rejected the int8 ONNX export: .*argmax agreement 0\.\d+ \(minimum 1\.01\)"
+    ):
+        export_onnx(
+            checkpoint,
+            str(rejected),
+            str(synthetic_root),
+            tiny_config(*int8, "export.int8_min_argmax_agreement=1.01"),
+        )
+    assert not rejected.parent.exists() or list(rejected.parent.iterdir()) == []
+
+
 def test_export_cli_help() -> None:
     from components.export import main
 

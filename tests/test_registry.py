@@ -141,6 +141,11 @@ def test_register_promote_pull_and_serve(
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "cache" / NAME / "3" / "model.onnx").is_file()
+    # Through the server, not presigned URLs to the store (whose address clients may not resolve).
+    server_log = srv.log_path.read_text()
+    assert (
+        "/model-versions/get-download-uri" in server_log and "/mlflow-artifacts/presigned/" not in server_log
+    )
     predicted = np.stack(
         [cv2.imread(str(out / "trainIds" / p.relative_to(val_dir)), cv2.IMREAD_UNCHANGED) for p in val_images]
     )  # fmt: skip
@@ -170,6 +175,53 @@ def test_register_promote_pull_and_serve(
     texts += [repr(client.get_model_version(NAME, v).tags) for v in ("1", "2", "3")]
     assert not [t for t in texts if SECRET in t]
     assert not [k for k, body in objects.items() if SECRET.encode() in body]
+
+
+@pytest.mark.slow
+def test_int8_variant_is_registered_and_pulled_by_predict(
+    server, tmp_path: Path, synthetic_root: Path
+) -> None:
+    import json
+
+    from components.export import export_onnx
+    from components.registry import register_model
+    from tests.test_export import make_checkpoint
+
+    name = "int8-deeplabv3"
+    cfg = tiny_config(
+        "tracking.system_metrics=false", f"run_dir={tmp_path}", f"registry.model_name={name}",
+        "export.exporter=torchscript", "export.int8=true", "export.int8_min_argmax_agreement=0.9",
+    )  # fmt: skip
+    checkpoint = make_checkpoint(tmp_path / "ckpt", cfg=cfg)
+    exported = export_onnx(checkpoint, str(tmp_path / "export" / "model.onnx"), str(synthetic_root), cfg)
+    assert register_model(cfg, _training_run(cfg), checkpoint, exported.onnx_path, 0.5, 0.4, "fp").promoted
+
+    val_dir = synthetic_root / "leftImg8bit" / "val"
+    env = {**os.environ, "CITYSEG_CACHE": str(tmp_path / "cache")}
+
+    def predict(model: str, out: Path) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "components.predict", "--model", model, "--precision", "int8",
+             "--input", str(val_dir), "--output", str(out), "--cpu", "--no-overlay"],
+            env=env, capture_output=True, text=True, timeout=240,
+        )  # fmt: skip
+
+    done = predict(f"models:/{name}@champion", tmp_path / "pred")
+    assert done.returncode == 0, done.stderr
+    cached = tmp_path / "cache" / name / "1" / "model.int8.onnx"
+    assert cached.read_bytes() == Path(exported.int8_path).read_bytes()
+    records = [json.loads(line) for line in (tmp_path / "pred" / "manifest.jsonl").read_text().splitlines()]
+    assert len(records) == 4 and {
+        (r["model_version"], r["model_precision"], r["status"]) for r in records
+    } == {("1", "int8", "ok")}
+
+    # A model exported without the variant: a named error, not a traceback.
+    lone = tmp_path / "lone" / "model.onnx"
+    lone.parent.mkdir()
+    lone.write_bytes(Path(exported.onnx_path).read_bytes())
+    missing = predict(str(lone), tmp_path / "missing")
+    assert missing.returncode != 0 and "Traceback" not in missing.stderr
+    assert "int8 variant exists only where the export stage ran with export.int8=true" in missing.stderr
 
 
 @pytest.mark.slow

@@ -74,3 +74,21 @@ def test_pipeline_run_is_the_parent_of_stage_runs_that_record_the_dataset(tmp_pa
     failed_id = tracking.start_pipeline_run(cfg, "demo-pipeline")
     tracking.end_pipeline_run(cfg, failed_id, failed=True)
     assert client.get_run(failed_id).info.status == "FAILED"
+
+
+def test_resuming_a_run_the_store_lacks_logs_to_a_new_run(tmp_path, caplog):
+    """A checkpoint whose MLflow run is in another store (a recreated server): a new run, not a crash."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = load_config(
+        "demo", [f"run_dir={tmp_path}", f"tracking.tracking_uri={uri}", "tracking.system_metrics=false"]
+    )
+    with tracking.training_run(cfg, {}) as first:
+        pass
+    with tracking.training_run(cfg, {}, run_id=first.info.run_id) as continued:
+        assert continued.info.run_id == first.info.run_id
+    missing = "0" * 32
+    with tracking.training_run(cfg, {}, run_id=missing) as fresh:
+        assert fresh.info.run_id not in (missing, first.info.run_id)
+    assert f"the checkpoint's MLflow run {missing} is not in {uri}" in caplog.text
+    params = mlflow.MlflowClient(uri).get_run(fresh.info.run_id).data.params
+    assert params["optimizer.lr"] == str(cfg.optimizer.lr)  # a new run records its config
