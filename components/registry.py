@@ -246,7 +246,9 @@ def _promote(
         promoted, decision = True, "promoted: no champion yet"
     else:
         margin = cfg.registry.promotion_margin
-        promoted = val_miou > champion_miou + margin
+        # The champion's mIoU comes from its 6-decimal tag: compare like with like, so that a retrained
+        # model no better than the champion is not promoted by the digits the tag dropped.
+        promoted = round(val_miou, 6) > champion_miou + margin
         verdict = "promoted" if promoted else "kept as challenger"
         comparison = ">" if promoted else "<="
         decision = (

@@ -195,6 +195,9 @@ def test_int8_variant_is_registered_and_pulled_by_predict(
     checkpoint = make_checkpoint(tmp_path / "ckpt", cfg=cfg)
     exported = export_onnx(checkpoint, str(tmp_path / "export" / "model.onnx"), str(synthetic_root), cfg)
     assert register_model(cfg, _training_run(cfg), checkpoint, exported.onnx_path, 0.5, 0.4, "fp").promoted
+    # No better than the champion within the 6 decimals its tag keeps: not promoted by dropped digits.
+    retrained = register_model(cfg, _training_run(cfg), checkpoint, exported.onnx_path, 0.5000004, 0.4, "fp")
+    assert (retrained.version, retrained.promoted) == ("2", False)
 
     val_dir = synthetic_root / "leftImg8bit" / "val"
     env = {**os.environ, "CITYSEG_CACHE": str(tmp_path / "cache")}
@@ -208,7 +211,7 @@ def test_int8_variant_is_registered_and_pulled_by_predict(
 
     done = predict(f"models:/{name}@champion", tmp_path / "pred")
     assert done.returncode == 0, done.stderr
-    cached = tmp_path / "cache" / name / "1" / "model.int8.onnx"
+    cached = tmp_path / "cache" / name / "1" / "model.int8.onnx"  # v1: the champion
     assert cached.read_bytes() == Path(exported.int8_path).read_bytes()
     records = [json.loads(line) for line in (tmp_path / "pred" / "manifest.jsonl").read_text().splitlines()]
     assert len(records) == 4 and {
