@@ -73,7 +73,8 @@ def predict(
     started = time.perf_counter()
     refs = list_inputs(inputs)
     check_collisions(refs)
-    _, version = resolve_model(model, precision=precision)  # downloads the ONNX once, into the cache the shards read
+    # Downloads the ONNX file once, into the cache the shards read.
+    _, version = resolve_model(model, precision=precision)
     model_uri = f"models:/{version.name}/{version.version}" if model.startswith("models:/") else model
     groups = [refs[i::shards] for i in range(min(shards, len(refs)))]
     checks = [check_task.submit(group, MAX_PIXELS) for group in groups]
