@@ -39,6 +39,7 @@ import mlflow
 import numpy as np
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
+from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, TEMPORARILY_UNAVAILABLE, ErrorCode
 from mlflow.types import Schema, TensorSpec
 
 from components import storage, tracking
@@ -48,6 +49,7 @@ from components.errors import MLFLOW_NOT_FOUND_CODES, ModelError, RegistryError,
 from components.serving import BUNDLED_MODULES, SERVING_REQUIREMENTS, variant_path
 
 logger = logging.getLogger(__name__)
+_RETRYABLE_CODES = {ErrorCode.Name(code) for code in (TEMPORARILY_UNAVAILABLE, INTERNAL_ERROR)}
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -162,7 +164,7 @@ def _is_network_error(exc: BaseException) -> bool:
     if isinstance(exc, MlflowException):
         message = exc.message
         # MLflow wraps HTTP connection failures and 5xx answers (e.g. a proxied S3 upload that failed).
-        return "API request to" in message or exc.error_code in ("TEMPORARILY_UNAVAILABLE", "INTERNAL_ERROR")
+        return "API request to" in message or exc.error_code in _RETRYABLE_CODES
     return False
 
 
