@@ -205,24 +205,17 @@ def bench_predict_path(
 
 
 def _make_int8_variant(onnx_path: Path, root: Path) -> None:
-    """The int8 variant beside ``onnx_path``, made as the export stage makes it
-    (components.export.quantize_int8), calibrated on 4 training frames at half size."""
-    import cv2
-
-    from components.export import quantize_int8
+    """The int8 variant beside ``onnx_path``, made as the export stage makes it: calibrated by
+    components.export.calibration_batches on 4 training frames at 512x1024 (half the bench's frames)."""
+    from components.config import Config
+    from components.export import calibration_batches, quantize_int8
 
     int8_path = Path(variant_path(str(onnx_path), "int8"))
     if not int8_path.is_file():
-        mean = np.asarray(IMAGENET_MEAN, dtype=np.float32).reshape(1, 3, 1, 1)
-        std = np.asarray(IMAGENET_STD, dtype=np.float32).reshape(1, 3, 1, 1)
-        calibration = []
-        for path in sorted((Path(root) / "leftImg8bit" / "train").rglob("*.png"))[:4]:
-            bgr = cv2.imread(str(path))
-            rgb = cv2.cvtColor(
-                cv2.resize(bgr, None, fx=0.5, fy=0.5, interpolation=cv2.INTER_AREA), cv2.COLOR_BGR2RGB
-            )
-            calibration.append(((rgb.transpose(2, 0, 1)[None] / np.float32(255)) - mean) / std)
-        quantize_int8(onnx_path, int8_path, calibration)
+        cfg = Config.model_validate(
+            {"export": {"parity_sizes": [(512, 1024), (256, 512)], "calibration_images": 4}}
+        )
+        quantize_int8(onnx_path, int8_path, calibration_batches(str(root), cfg))
 
 
 def bench_inference_gpu(
