@@ -198,6 +198,17 @@ class TrainConfig(_Strict):
     """Log a training line every N optimizer steps."""
     val_every: int = 1
     """Validate (and keep best.pt) every N epochs."""
+    collective_timeout_s: float = 600.0
+    """Longest wait of a rank in a collective (gradient all-reduce, barrier) before it fails with
+    CollectiveTimeout: a hung or stopped rank is detected, not waited on forever. It must exceed the
+    longest work one rank does alone between collectives."""
+
+    @field_validator("collective_timeout_s")
+    @classmethod
+    def _positive(cls, seconds: float) -> float:
+        if seconds <= 0:
+            raise ValueError(f"must be > 0, got {seconds}")
+        return seconds
 
     @field_validator("epochs", "global_batch_size", "log_every", "val_every")
     @classmethod
@@ -300,8 +311,19 @@ StageName = Literal["prepare", "evaluate", "train", "export", "register"]
 
 
 class MultiNodeConfig(_Strict):
-    """Multi-node training on Kubernetes (``components/multinode.py`` renders the manifests from this)."""
+    """Multi-node training on Kubernetes (``components/multinode.py`` renders the manifests from this,
+    ``components/k8sjob.py`` submits and follows them)."""
 
+    enabled: bool = False
+    """The training stage submits a multi-node Kubernetes job and follows it (``components/k8sjob.py``)
+    instead of running torchrun in the flow's own container."""
+    image: str | None = None
+    """The project image the job's pods run (the Kubernetes deployment passes ``$CITYSEG_IMAGE``, the image
+    of the flow's own pod); required when ``enabled``."""
+    s3_run_dir: str | None = None
+    """``s3://`` stand-in for ``run_dir`` in multi-node jobs: a local ``train.output_dir`` under run_dir (the
+    finetune flow's ``<run_dir>/flow-runs/<id>/train``) becomes ``<s3_run_dir>/flow-runs/<id>/train``, one
+    checkpoint folder per flow run that every node reaches. None: train.output_dir must be s3:// itself."""
     engine: Literal["indexed-job", "trainjob"] = "indexed-job"
     """indexed-job: a batch/v1 Indexed Job + headless Service (no operator needed); trainjob: a Kubeflow
     Trainer TrainJob (needs the operator and its ``torch-distributed`` runtime)."""
@@ -329,7 +351,8 @@ class MultiNodeConfig(_Strict):
     active_deadline_seconds: int = 24 * 3600
     """The job is stopped after this long, hung or not."""
     ttl_seconds_after_finished: int = 3600
-    """Finished jobs (and their pods) are deleted after this long."""
+    """Finished jobs (their pods and Service with them) are deleted after this long, should the flow that
+    submitted them not have deleted them."""
 
     @model_validator(mode="after")
     def _node_range(self) -> MultiNodeConfig:
@@ -337,11 +360,14 @@ class MultiNodeConfig(_Strict):
             raise ValueError("nodes and gpus_per_node must be >= 1")
         if self.min_nodes is not None and not 1 <= self.min_nodes <= self.nodes:
             raise ValueError(f"min_nodes must be in [1, nodes={self.nodes}], got {self.min_nodes}")
+        if self.s3_run_dir is not None and not self.s3_run_dir.startswith("s3://"):
+            raise ValueError(f"s3_run_dir must be s3://bucket/prefix, got {self.s3_run_dir!r}")
         return self
 
 
 class OrchestrationConfig(_Strict):
-    """How the Prefect flows run the stages (``flows/``); components never read this section."""
+    """How the Prefect flows run the stages (``flows/``); components never read this section, except the
+    multi-node job's renderer and runner (``components/multinode.py``, ``components/k8sjob.py``)."""
 
     stage_deployments: dict[StageName, str] = {}
     """Stage -> ``flow-name/deployment-name`` (e.g. ``prepare: prepare-data/cityscapes-cpu``) to run that

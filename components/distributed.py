@@ -6,8 +6,10 @@
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -39,8 +41,9 @@ class _WarningsOnly(logging.Filter):
         return record.levelno >= logging.WARNING
 
 
-def init() -> DistContext:
-    """Join the process group torchrun describes (if any) and pick this rank's device."""
+def init(collective_timeout_s: float) -> DistContext:
+    """Join the process group torchrun describes (if any) and pick this rank's device. A collective
+    that waits longer than ``collective_timeout_s`` for another rank raises (see ``is_timeout``)."""
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -53,7 +56,11 @@ def init() -> DistContext:
     if world_size > 1:
         backend = "nccl" if device.type == "cuda" else "gloo"
         if not dist.is_initialized():
-            dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+            dist.init_process_group(
+                backend=backend,
+                device_id=device if device.type == "cuda" else None,
+                timeout=datetime.timedelta(seconds=collective_timeout_s),
+            )
     if rank != 0:
         quiet = _WarningsOnly()
         root = logging.getLogger()
@@ -61,6 +68,17 @@ def init() -> DistContext:
             handler.addFilter(quiet)
     logger.info("rank %d/%d on %s (backend %s)", rank, world_size, device, backend or "none")
     return DistContext(rank, local_rank, world_size, device, backend)
+
+
+_TIMEOUT_MESSAGE = re.compile(r"timed out|timeout", re.IGNORECASE)
+
+
+def is_timeout(error: BaseException) -> bool:
+    """Whether ``error`` is a collective that gave up waiting for another rank. None has a type of its
+    own: gloo raises RuntimeErrors ("Timed out waiting 5000ms for recv operation", or "Application timeout
+    caused pair closure" when another operation on the connection timed out first), nccl's watchdog a
+    DistBackendError, a RuntimeError too ("Watchdog caught collective operation timeout")."""
+    return isinstance(error, RuntimeError) and bool(_TIMEOUT_MESSAGE.search(str(error)))
 
 
 def is_main() -> bool:
@@ -84,6 +102,25 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def communication_metrics(ddp: nn.parallel.DistributedDataParallel) -> dict[str, float]:
+    """DDP's own timing of the gradient all-reduce, averaged over the iterations it samples (the first 10,
+    then every 100th): compute (forward + backward), communication, the part of it overlapped with the
+    backward pass, and ``comm_exposed_share``, the share of the step spent waiting on the network.
+    ``_get_ddp_logging_data`` is what DDP's usage logger reports; it has been there since torch 1.9."""
+    data = ddp._get_ddp_logging_data()
+    if not data.get("avg_backward_comm_time"):
+        return {}
+    compute = (data["avg_forward_compute_time"] + data["avg_backward_compute_time"]) / 1e6
+    comm = data["avg_backward_comm_time"] / 1e6
+    exposed = max(0.0, comm - data["avg_backward_compute_comm_overlap_time"] / 1e6)
+    return {
+        "ddp_compute_ms": compute,
+        "ddp_comm_ms": comm,
+        "ddp_comm_exposed_ms": exposed,
+        "ddp_comm_exposed_share": exposed / (compute + exposed),
+    }
 
 
 def cleanup() -> None:

@@ -11,25 +11,22 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import json
 import logging
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-from components import storage
 from components.config import Config
-from components.train import TrainingError, TrainResult, result_path
+from components.train import TrainingError, TrainResult, read_result
 
 logger = logging.getLogger(__name__)
-
-CONFIG_FILE = "train_config.yaml"
 
 
 def launch_training(cfg: Config, nproc: int | None = None) -> TrainResult:
@@ -39,9 +36,26 @@ def launch_training(cfg: Config, nproc: int | None = None) -> TrainResult:
     and the last lines (a preempted run can simply be launched again: it resumes).
     """
     nproc = nproc or max(1, torch.cuda.device_count())
-    config_path = Path(cfg.run_dir) / CONFIG_FILE
-    with storage.atomic_path(config_path) as tmp:
-        tmp.write_text(cfg.to_yaml())
+    # One file per launch: concurrent flow runs (a sweep's points) share run_dir.
+    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="train_config-", dir=cfg.run_dir) as config:
+        config.write(cfg.to_yaml())
+        config.flush()
+        exit_code, command, errors, tail = _run_torchrun(nproc, config.name)
+    if exit_code != 0:
+        raise TrainingError(
+            f"training exited with code {exit_code} ({' '.join(command)}); rerunning with the same "
+            f"train.output_dir={cfg.train.output_dir} resumes from its last checkpoint.\nErrors:\n"
+            + "\n".join(errors)
+            + "\nLast output:\n"
+            + "\n".join(tail),
+            exit_code,
+        )
+    return read_result(cfg.train.output_dir, "training")
+
+
+def _run_torchrun(nproc: int, config_path: str) -> tuple[int, list[str], list[str], list[str]]:
+    """torchrun's exit code, its command line, the error lines and the last lines of its output."""
     command = [
         sys.executable,
         "-m",
@@ -51,7 +65,7 @@ def launch_training(cfg: Config, nproc: int | None = None) -> TrainResult:
         "-m",
         "components.train",
         "--recipe",
-        str(config_path),
+        config_path,
     ]
     package_parent = str(Path(__file__).resolve().parent.parent)
     env = {
@@ -79,23 +93,12 @@ def launch_training(cfg: Config, nproc: int | None = None) -> TrainResult:
             if not line.strip():  # what a closing progress bar leaves behind
                 continue
             tail.append(line)
-            if " ERROR " in line or "Error:" in line or line.startswith("error: "):
+            # "error: " may follow an unfinished progress bar on the same line.
+            if " ERROR " in line or "Error:" in line or "error: " in line:
                 errors.append(line)
             logger.info("%s", line)
         exit_code = process.wait()
-    if exit_code != 0:
-        raise TrainingError(
-            f"training exited with code {exit_code} ({' '.join(command)}); rerunning with the same "
-            f"train.output_dir={cfg.train.output_dir} resumes from its last checkpoint.\nErrors:\n"
-            + "\n".join(errors)
-            + "\nLast output:\n"
-            + "\n".join(tail),
-            exit_code,
-        )
-    path = result_path(cfg)
-    if not path.is_file():
-        raise TrainingError(f"training exited cleanly but wrote no {path}")
-    return TrainResult(**json.loads(path.read_text()))
+    return exit_code, command, list(errors), list(tail)
 
 
 @contextlib.contextmanager

@@ -2,6 +2,7 @@
 
     python -m components.multinode --recipe strong --image <registry>/cityseg-ops:<tag> \\
         --job-name finetune-<flow-run> train.output_dir=s3://bucket/runs/<run> > job.yaml
+    python -m components.multinode --rbac > rbac.yaml   # the Role the flow's pod needs to run such jobs
 
 ``orchestration.multinode.engine`` picks the engine, each an existing one:
 
@@ -11,16 +12,19 @@
 * ``trainjob``: a Kubeflow Trainer ``TrainJob`` on the ``torch-distributed`` runtime, which sets torchrun's
   ``PET_*`` variables itself.
 
-Manifests name the credentials Secret, never its values. Nodes share no disk, so a multi-node job must
-checkpoint to ``s3://`` (any node, or a replacement pod, resumes from it).
+Manifests name the credentials Secret, never its values; plain settings (the MLflow and S3 endpoints)
+come as ``env`` values. Nodes share no disk, so a multi-node job must checkpoint to ``s3://`` (any node, or
+a replacement pod, resumes from it). ``components/k8sjob.py`` submits and follows the job from the flow.
 """
 
 from __future__ import annotations
 
 import argparse
+import posixpath
 import re
 import shlex
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 import yaml
@@ -30,12 +34,26 @@ from components.config import Config, MultiNodeConfig, load_config
 from components.errors import ConfigError
 from components.storage import is_s3
 
+CONTAINER_WORKDIR = "/opt/cityseg"  # the image's WORKDIR: relative config paths start here
 CONTAINER_RUNS = "/opt/cityseg/runs"
 CONTAINER_DATA = "/opt/cityseg/data"
+MIRROR_SCRIPT = (
+    "import sys; from components.config import load_config; "
+    "from components.data.prepare import prepare_dataset; "
+    "prepare_dataset(load_config(sys.argv[2], sys.argv[3:]).data)"
+)
+"""The init container of a job without a data claim: mirror data.uri into the pod's data.root."""
 IMAGE_UID = 10001  # the image's non-root user (Dockerfile)
-TRAINJOB_API = "trainer.kubeflow.org/v1alpha1"
+TRAINJOB_GROUP, TRAINJOB_VERSION, TRAINJOB_PLURAL = "trainer.kubeflow.org", "v1alpha1", "trainjobs"
+TRAINJOB_API = f"{TRAINJOB_GROUP}/{TRAINJOB_VERSION}"
+LAUNCHER_ROLE = "cityseg-training-launcher"
+"""Role (``--rbac``) that lets the flow's pod submit, follow and delete training jobs in its namespace."""
 SUPPORTED_KUBERNETES = ("1.31", "1.32", "1.33", "1.34", "1.35", "1.36", "1.37")
 """Cluster versions whose API schemas the rendered Service and Job are validated against (CI, offline)."""
+AGENT_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+"""torchrun agents' environment. torch 2.14's agents share one TCP store with their ranks by default, and
+that store breaks re-rendezvous: when a replacement node joins, the surviving rank-0 agent does not
+publish the new round's MASTER_ADDR, and both agents wait until they time out (tests/test_elastic.py)."""
 CREDENTIAL_KEYS = (
     "AWS_ACCESS_KEY_ID",
     "AWS_SECRET_ACCESS_KEY",
@@ -54,21 +72,29 @@ def training_manifests(
     recipe: str,
     overrides: list[str],
     labels: dict[str, str] | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     """The Kubernetes objects of one multi-node training job for ``cfg`` (already loaded from
-    ``recipe`` + ``overrides``, which the pods receive again: only the config's source travels)."""
+    ``recipe`` + ``overrides``, which the pods receive again: only the config's source travels).
+    ``env``: plain, non-secret environment values for the pods (endpoints); credentials come from the
+    Secret only."""
     settings = cfg.orchestration.multinode
     _check(cfg, settings, job_name)
     all_labels = {"app.kubernetes.io/name": "cityseg-ops", "app.kubernetes.io/component": "training"}
     all_labels |= {"cityseg-ops/job": job_name} | (labels or {})
     train_args = ["-m", "components.train", "--recipe", recipe, *overrides]
+    plain_env = [{"name": name, "value": value} for name, value in {**AGENT_ENV, **(env or {})}.items()]
     if settings.engine == "trainjob":
-        return [_train_job(settings, image, job_name, all_labels, ["torchrun", *train_args])]
-    command = ["torchrun", *_torchrun_flags(settings, job_name), *train_args]
-    return [
-        _headless_service(settings, job_name, all_labels),
-        _indexed_job(settings, image, job_name, all_labels, command),
-    ]
+        return [_train_job(settings, image, job_name, all_labels, ["torchrun", *train_args], plain_env)]
+    endpoint = f"{job_name}-0.{job_name}:{settings.rdzv_port}"
+    command = ["torchrun", *torchrun_flags(settings, endpoint, rdzv_id=job_name), *train_args]
+    job = _indexed_job(settings, image, job_name, all_labels, command, plain_env)
+    if settings.data_claim is None:  # each pod mirrors the dataset from S3 before training starts
+        mirror = _container(settings, image, ["python", "-c", MIRROR_SCRIPT, "--recipe", recipe, *overrides],
+                            plain_env, gpus=False)  # fmt: skip
+        del mirror["ports"]
+        job["spec"]["template"]["spec"]["initContainers"] = [{**mirror, "name": "data"}]
+    return [_headless_service(settings, job_name, all_labels), job]
 
 
 def _check(cfg: Config, settings: MultiNodeConfig, job_name: str) -> None:
@@ -88,16 +114,24 @@ def _check(cfg: Config, settings: MultiNodeConfig, job_name: str) -> None:
             "orchestration.multinode.data_claim is None, so the data must come from the S3 mirror: "
             "set data.source=s3 data.uri=s3://bucket/cityscapes (or name a read-many data claim)"
         )
+    root = posixpath.normpath(posixpath.join(CONTAINER_WORKDIR, cfg.data.root))
+    if not root.startswith(f"{CONTAINER_DATA}/"):
+        raise ConfigError(
+            f"data.root={cfg.data.root!r} is {root} in the pods, outside {CONTAINER_DATA} where the data "
+            "claim (or the S3 mirror) is: use a data.root under it, e.g. data/cityscapes"
+        )
 
 
-def _torchrun_flags(settings: MultiNodeConfig, job_name: str) -> list[str]:
+def torchrun_flags(settings: MultiNodeConfig, endpoint: str, rdzv_id: str) -> list[str]:
+    """One node's torchrun agent: elastic between min_nodes and nodes, c10d rendezvous at ``endpoint``
+    (pod 0 in a cluster; 127.0.0.1 in tests/test_elastic.py, which runs these flags)."""
     nnodes = f"{settings.min_nodes or settings.nodes}:{settings.nodes}"
     return [
         f"--nnodes={nnodes}",
         f"--nproc-per-node={settings.gpus_per_node}",
         "--rdzv-backend=c10d",
-        f"--rdzv-endpoint={job_name}-0.{job_name}:{settings.rdzv_port}",
-        f"--rdzv-id={job_name}",
+        f"--rdzv-endpoint={endpoint}",
+        f"--rdzv-id={rdzv_id}",
         f"--max-restarts={settings.max_restarts}",
     ]
 
@@ -118,7 +152,12 @@ def _headless_service(settings: MultiNodeConfig, job_name: str, labels: dict[str
 
 
 def _indexed_job(
-    settings: MultiNodeConfig, image: str, job_name: str, labels: dict[str, str], command: list[str]
+    settings: MultiNodeConfig,
+    image: str,
+    job_name: str,
+    labels: dict[str, str],
+    command: list[str],
+    plain_env: list[dict[str, Any]],
 ) -> dict[str, Any]:
     return {
         "apiVersion": "batch/v1",
@@ -139,6 +178,9 @@ def _indexed_job(
                     "subdomain": job_name,
                     "restartPolicy": "Never",
                     "serviceAccountName": settings.service_account,
+                    # Training never calls the Kubernetes API: no token in the pods (the account may hold
+                    # the launcher Role for the flow's own pod).
+                    "automountServiceAccountToken": False,
                     "securityContext": {
                         "runAsNonRoot": True,
                         "runAsUser": IMAGE_UID,
@@ -146,7 +188,7 @@ def _indexed_job(
                         "fsGroup": IMAGE_UID,
                     },
                     "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
-                    "containers": [_container(settings, image, command)],
+                    "containers": [_container(settings, image, command, plain_env)],
                     "volumes": _volumes(settings),
                 },
             },
@@ -154,21 +196,25 @@ def _indexed_job(
     }
 
 
-def _container(settings: MultiNodeConfig, image: str, command: list[str]) -> dict[str, Any]:
-    resources = {
-        "cpu": settings.cpu,
-        "memory": settings.memory,
-        "nvidia.com/gpu": str(settings.gpus_per_node),
-    }
+def _container(
+    settings: MultiNodeConfig,
+    image: str,
+    command: list[str],
+    plain_env: list[dict[str, Any]],
+    gpus: bool = True,
+) -> dict[str, Any]:
+    resources = {"cpu": settings.cpu, "memory": settings.memory}
+    if gpus:
+        resources["nvidia.com/gpu"] = str(settings.gpus_per_node)
     mounts = [{"name": "dshm", "mountPath": "/dev/shm"}, {"name": "runs", "mountPath": CONTAINER_RUNS}]
-    if settings.data_claim:
-        mounts.append({"name": "data", "mountPath": CONTAINER_DATA, "readOnly": True})
+    # A shared claim is read-only; the pod's own mirror is writable (the decode cache lives beside it).
+    mounts.append({"name": "data", "mountPath": CONTAINER_DATA, "readOnly": bool(settings.data_claim)})
     return {
         "name": "trainer",
         "image": image,
         "command": command,
-        "workingDir": "/opt/cityseg",
-        "env": _env(settings),
+        "workingDir": CONTAINER_WORKDIR,
+        "env": [*plain_env, *_env(settings)],
         "ports": [{"name": "rendezvous", "containerPort": settings.rdzv_port}],
         "resources": {"requests": resources, "limits": resources},
         "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
@@ -198,11 +244,18 @@ def _volumes(settings: MultiNodeConfig) -> list[dict[str, Any]]:
         volumes.append(
             {"name": "data", "persistentVolumeClaim": {"claimName": settings.data_claim, "readOnly": True}}
         )
+    else:
+        volumes.append({"name": "data", "emptyDir": {}})
     return volumes
 
 
 def _train_job(
-    settings: MultiNodeConfig, image: str, job_name: str, labels: dict[str, str], command: list[str]
+    settings: MultiNodeConfig,
+    image: str,
+    job_name: str,
+    labels: dict[str, str],
+    command: list[str],
+    plain_env: list[dict[str, Any]],
 ) -> dict[str, Any]:
     return {
         "apiVersion": TRAINJOB_API,
@@ -215,14 +268,56 @@ def _train_job(
                 "command": command,
                 "numNodes": settings.nodes,
                 "resourcesPerNode": {"limits": {"nvidia.com/gpu": str(settings.gpus_per_node)}},
-                "env": _env(settings),
+                "env": [*plain_env, *_env(settings)],
             },
         },
     }
 
 
+def rbac_manifests(cfg: Config) -> list[dict[str, Any]]:
+    """Role + RoleBinding for the flow's pod (``service_account``, the work pool's default too): exactly
+    the calls ``components/k8sjob.py`` makes in ``namespace``. The training pods mount no token."""
+    settings = cfg.orchestration.multinode
+    labels = {"app.kubernetes.io/name": "cityseg-ops", "app.kubernetes.io/component": "training-launcher"}
+    crud = ["create", "get", "delete"]
+    if settings.engine == "trainjob":
+        job_rules = [{"apiGroups": [TRAINJOB_GROUP], "resources": [TRAINJOB_PLURAL], "verbs": crud}]
+    else:
+        job_rules = [
+            {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": crud},
+            {"apiGroups": [""], "resources": ["services"], "verbs": crud},
+        ]
+    pod_rules = [
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]},
+        {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
+    ]
+    metadata = {"name": LAUNCHER_ROLE, "namespace": settings.namespace, "labels": labels}
+    return [
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": metadata,
+            "rules": [*job_rules, *pod_rules],
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": metadata,
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": LAUNCHER_ROLE},
+            "subjects": [
+                {"kind": "ServiceAccount", "name": settings.service_account, "namespace": settings.namespace}
+            ],
+        },
+    ]
+
+
+class _PlainDumper(yaml.SafeDumper):
+    def ignore_aliases(self, data: Any) -> bool:
+        return True  # objects shared between manifests (labels, resources) are written out, not as &id001
+
+
 def to_yaml(manifests: list[dict[str, Any]]) -> str:
-    return yaml.safe_dump_all(manifests, sort_keys=False)
+    return yaml.dump_all(manifests, Dumper=_PlainDumper, sort_keys=False)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -231,16 +326,30 @@ def main(argv: list[str] | None = None) -> int:
         description="Print the Kubernetes manifests of a multi-node training job (kubectl apply -f -).",
     )
     parser.add_argument("--recipe", default="strong", help="recipe name or YAML path")
-    parser.add_argument("--image", required=True, help="the project image, e.g. <registry>/cityseg-ops:<sha>")
-    parser.add_argument("--job-name", required=True, help="DNS label naming the job, its Service and pods")
+    parser.add_argument(
+        "--image",
+        help="the project image, e.g. <registry>/cityseg-ops:<sha> (default: orchestration.multinode.image)",
+    )
+    parser.add_argument("--job-name", help="DNS label naming the job, its Service and pods")
+    parser.add_argument(
+        "--rbac", action="store_true", help="print the Role + RoleBinding the flow's pod needs instead"
+    )
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. orchestration.multinode.nodes=4")
     args = parser.parse_args(argv)
+    if not args.rbac and not args.job_name:
+        parser.error("--job-name is required (or --rbac)")
 
     def render() -> None:
         cfg = load_config(args.recipe, args.overrides)
-        manifests = training_manifests(
-            cfg, image=args.image, job_name=args.job_name, recipe=args.recipe, overrides=args.overrides
-        )
+        if args.rbac:
+            manifests = rbac_manifests(cfg)
+        else:
+            image = args.image or cfg.orchestration.multinode.image
+            if not image:
+                raise ConfigError("pass --image or set orchestration.multinode.image")
+            manifests = training_manifests(
+                cfg, image=image, job_name=args.job_name, recipe=args.recipe, overrides=args.overrides
+            )
         sys.stdout.write(
             f"# rendered by: python -m components.multinode {shlex.join(argv or sys.argv[1:])}\n"
         )

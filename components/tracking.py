@@ -27,7 +27,7 @@ import mlflow
 import torch
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
-from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunStatus
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunStatus, RunTag
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID
 
 from components.config import Config
@@ -207,6 +207,28 @@ def end_pipeline_run(
         now = int(time.time() * 1000)
         client.log_batch(run_id, metrics=[Metric(key, value, now, 0) for key, value in metrics.items()])
     client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED if failed else RunStatus.FINISHED))
+
+
+def log_table_run(
+    cfg: Config,
+    run_id: str,
+    artifact_file: str,
+    rows: list[Mapping[str, Any]],
+    params: Mapping[str, Any] | None = None,
+    tags: Mapping[str, str] | None = None,
+) -> None:
+    """Log ``rows`` as an MLflow table artifact (the UI shows it), plus params and tags, e.g. a sweep's
+    ranking on its parent run."""
+    configure(cfg)
+    client = mlflow.MlflowClient()
+    client.log_batch(
+        run_id,
+        params=[Param(key, str(value)) for key, value in (params or {}).items()],
+        tags=[RunTag(key, value) for key, value in (tags or {}).items()],
+    )
+    if rows:
+        columns = {key: [row.get(key) for row in rows] for key in rows[0]}
+        client.log_table(run_id, data=columns, artifact_file=artifact_file)
 
 
 def run_url(cfg: Config, ui_url: str, run_id: str) -> str:

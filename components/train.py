@@ -19,8 +19,7 @@ newest complete one and continues the same MLflow run. Sample order and augmenta
 weights of an uninterrupted one. SIGTERM (preemption) stops at the next step boundary on all ranks and
 exits with code 143; the epoch in progress is redone on resume.
 
-At the end rank 0 writes ``<output_dir>/train_result.json``; when output_dir is an ``s3://`` prefix a
-copy also goes to ``<run_dir>/train_result.json`` (local, which ``launch_training`` reads).
+At the end rank 0 writes ``<output_dir>/train_result.json`` (``read_result`` reads it back, local or s3).
 """
 
 from __future__ import annotations
@@ -34,7 +33,6 @@ import signal
 import threading
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -47,7 +45,7 @@ from components.config import Config, load_config
 from components.data.dataset import CityscapesSegmentation
 from components.data.sampling import train_loader
 from components.data.transforms import check_crop_fits, eval_transform, train_transform
-from components.errors import CitysegError, ConfigError
+from components.errors import CitysegError, ConfigError, StorageError
 from components.evaluate import eval_loader, mlflow_metrics
 from components.optim import build_optimizer, build_scheduler
 from components.trainer import (
@@ -76,6 +74,10 @@ class TrainingError(CitysegError):
         self.exit_code = exit_code
 
 
+class CollectiveTimeout(TrainingError):
+    """A rank waited longer than ``train.collective_timeout_s`` for the others: one of them hung or died."""
+
+
 class TrainingInterrupted(TrainingError):
     """SIGTERM stopped training; the last complete epoch is checkpointed and a rerun resumes from it."""
 
@@ -92,15 +94,19 @@ class TrainResult:
     epochs_completed: int
 
 
-def result_path(cfg: Config) -> Path:
-    """Where ``launch_training`` finds the TrainResult: in output_dir, or run_dir for s3 output."""
-    base = cfg.run_dir if storage.is_s3(cfg.train.output_dir) else cfg.train.output_dir
-    return Path(base) / RESULT_FILE
+def read_result(output_dir: str, where: str = "training") -> TrainResult:
+    """The TrainResult rank 0 wrote to ``<output_dir>/train_result.json`` (a local path or ``s3://``)."""
+    uri = storage.join(output_dir, RESULT_FILE)
+    try:
+        payload = json.loads(storage.read_bytes(uri))
+    except (StorageError, ValueError) as exc:
+        raise TrainingError(f"{where} completed but its result {uri} cannot be read: {exc}") from None
+    return TrainResult(**payload)
 
 
 def train(cfg: Config) -> TrainResult:
     """Train in this process: one torchrun rank, or a plain process (world size 1)."""
-    ctx = distributed.init()
+    ctx = distributed.init(cfg.train.collective_timeout_s)
     determinism = (
         torch.are_deterministic_algorithms_enabled(),
         torch.is_deterministic_algorithms_warn_only_enabled(),
@@ -108,6 +114,15 @@ def train(cfg: Config) -> TrainResult:
     try:
         with _sigterm_flag() as stop:
             return _train(cfg, ctx, stop)
+    except RuntimeError as error:
+        if not distributed.is_timeout(error):
+            raise
+        raise CollectiveTimeout(
+            f"CollectiveTimeout: rank {ctx.rank} of {ctx.world_size} waited more than "
+            f"train.collective_timeout_s={cfg.train.collective_timeout_s:g} s for the other ranks: one of "
+            "them is hung (stopped, deadlocked, stuck on I/O) or gone. "
+            f"Rerun to resume from {cfg.train.output_dir}. ({error})"
+        ) from error
     finally:
         torch.use_deterministic_algorithms(determinism[0], warn_only=determinism[1])
         distributed.cleanup()
@@ -166,6 +181,8 @@ def _train(cfg: Config, ctx: distributed.DistContext, stop: threading.Event) -> 
                         f"complete epoch ({epoch}); rerun to resume"
                     )
                 state.epoch, state.metrics = epoch + 1, metrics
+                if ddp is not None:
+                    state.metrics.update(distributed.communication_metrics(ddp))
                 is_best = False
                 if state.epoch % cfg.train.val_every == 0 or state.epoch == cfg.train.epochs:
                     val = validate(cfg, raw, val_loader, device)
@@ -228,8 +245,6 @@ def _load_resume_state(cfg: Config, ctx: distributed.DistContext) -> dict[str, A
 def _write_result(cfg: Config, result: TrainResult) -> None:
     payload = json.dumps(asdict(result), indent=2).encode()
     storage.write_bytes(storage.join(cfg.train.output_dir, RESULT_FILE), payload)
-    if storage.is_s3(cfg.train.output_dir):
-        storage.write_bytes(result_path(cfg), payload)
 
 
 @contextlib.contextmanager

@@ -49,5 +49,5 @@ case "$variant" in
         ;;
 esac
 
-# The name selects the finetune flow and its data-preparation stage of this variant.
+# The name selects this variant's finetune flow, its data-preparation stage, its sweep and batch inference.
 "$prefect_cli" --no-prompt deploy --prefect-file deploy/prefect.yaml --name "$deployment"

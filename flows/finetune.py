@@ -11,6 +11,9 @@ others run in-process as subflows. Stages exchange URIs, never large objects.
 Each flow run is one MLflow parent run (named like the flow run); the stages' MLflow runs (baseline
 evaluation, training, fine-tuned evaluation) are its children: the flow hands them its id as the
 override ``tracking.parent_run_id=<id>``, and the dataset as ``data.root=<prepared root>``.
+
+With ``register_model=False`` the flow stops after the export and returns the candidate (the register
+stage's parameters) instead of registering it: the ``sweep`` flow (flows/sweep.py) registers only its best.
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ import argparse
 import logging
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from prefect import Flow, flow, task
@@ -46,8 +52,11 @@ class StageFailed(RuntimeError):
 
 
 def flow_run_name() -> str:
-    """``<recipe>-<backbone>``, e.g. ``strong-resnet50`` (the recipe name alone if the config is invalid)."""
+    """The ``run_name`` parameter if given (a sweep's point: ``<sweep run>-p<i>``), else
+    ``<recipe>-<backbone>``, e.g. ``strong-resnet50`` (the recipe name alone if the config is invalid)."""
     parameters = flow_run.parameters
+    if parameters.get("run_name"):
+        return str(parameters["run_name"])
     recipe = parameters.get("recipe", "strong")
     try:
         cfg = load_config(recipe, parameters.get("overrides") or [])
@@ -98,15 +107,51 @@ def mlflow_ui_url(cfg: Config) -> str:
     return uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
 
 
+@contextmanager
+def pipeline_run(cfg: Config, tags: dict[str, str] | None = None) -> Iterator[tuple[str, dict[str, float]]]:
+    """This flow run's MLflow parent run, named like the flow run: yields its id and a dict of summary
+    metrics to fill, logged when the body ends (status FAILED if it raised)."""
+    run_id = tracking.start_pipeline_run(
+        cfg, flow_run.name or cfg.recipe, tags={"prefect_flow_run_id": str(flow_run.id), **(tags or {})}
+    )
+    metrics: dict[str, float] = {}
+    try:
+        yield run_id, metrics
+    except BaseException:
+        tracking.end_pipeline_run(cfg, run_id, failed=True)
+        raise
+    tracking.end_pipeline_run(cfg, run_id, metrics)
+
+
+def link_registered_version(cfg: Config, registered: dict[str, Any]) -> None:
+    """A Prefect link artifact to the registered model version's MLflow page."""
+    name, version = registered["name"], registered["version"]
+    create_link_artifact(
+        f"{mlflow_ui_url(cfg)}/#/models/{name}/versions/{version}",
+        link_text=f"{name} version {version}",
+        key="registered-model-version",
+    )
+
+
+def registration_text(registered: dict[str, Any]) -> str:
+    """``**name vN**`` with its aliases and whether it is the champion now."""
+    aliases = ", ".join(registered["aliases"]) or "none"
+    return (
+        f"**{registered['name']} v{registered['version']}**, aliases: {aliases}, "
+        f"promoted: {registered['promoted']}"
+    )
+
+
 @task(name="publish-artifacts")
 def publish_artifacts(
     cfg: Config,
     baseline: dict[str, Any],
     finetuned: dict[str, Any],
     trained: dict[str, Any],
-    registered: dict[str, Any],
+    registered: dict[str, Any] | None,
 ) -> None:
-    """The flow run's Prefect artifacts: IoU table, links to the MLflow runs and the model version."""
+    """The flow run's Prefect artifacts: IoU table, links to the MLflow runs and the model version (if one
+    was registered)."""
     create_table_artifact(
         iou_table(baseline, finetuned),
         key="iou-baseline-vs-finetuned",
@@ -126,42 +171,79 @@ def publish_artifacts(
         link_text=f"MLflow training run {run_id}",
         key="mlflow-training-run",
     )
-    name, version = registered["name"], registered["version"]
-    create_link_artifact(
-        f"{ui}/#/models/{name}/versions/{version}",
-        link_text=f"{name} version {version}",
-        key="registered-model-version",
-    )
-    create_markdown_artifact(
-        f"**{name} v{version}**: val mIoU {100 * finetuned['miou']:.2f}% "
-        f"(baseline {100 * baseline['miou']:.2f}%), aliases: {', '.join(registered['aliases']) or 'none'}, "
-        f"promoted: {registered['promoted']}",
-        key="finetune-summary",
-    )
+    scores = f"val mIoU {100 * finetuned['miou']:.2f}% (baseline {100 * baseline['miou']:.2f}%)"
+    if registered is None:
+        create_markdown_artifact(f"Not registered (register_model=false): {scores}", key="finetune-summary")
+        return
+    link_registered_version(cfg, registered)
+    create_markdown_artifact(f"{registration_text(registered)}: {scores}", key="finetune-summary")
 
 
-@flow(name="finetune", flow_run_name=flow_run_name)
-def finetune(recipe: str = "strong", overrides: list[str] | None = None) -> dict[str, Any]:
-    """The whole pipeline for one config (a recipe name or YAML path plus ``section.key=value`` overrides)."""
+@flow(name="finetune", flow_run_name=flow_run_name, persist_result=True)
+def finetune(
+    recipe: str = "strong",
+    overrides: list[str] | None = None,
+    register_model: bool = True,
+    run_name: str | None = None,
+) -> dict[str, Any]:
+    """The whole pipeline for one config (a recipe name or YAML path plus ``section.key=value`` overrides).
+
+    ``register_model=False`` skips the register stage: the result's ``candidate`` holds the register stage's
+    parameters (for flows/sweep.py). ``run_name`` names the flow run (default ``<recipe>-<backbone>``).
+    The result is persisted so that a parent running this flow through ``run_deployment`` can read it.
+    """
     overrides = list(overrides or [])
     cfg = load_config(recipe, overrides)  # invalid configs fail here, before any work
-    pipeline_run_id = tracking.start_pipeline_run(
-        cfg, flow_run.name or cfg.recipe, tags={"prefect_flow_run_id": str(flow_run.id)}
-    )
-    try:
-        summary = _pipeline(cfg, recipe, [*overrides, f"tracking.parent_run_id={pipeline_run_id}"])
-    except BaseException:
-        tracking.end_pipeline_run(cfg, pipeline_run_id, failed=True)
-        raise
-    tracking.end_pipeline_run(
-        cfg,
-        pipeline_run_id,
-        {"baseline_val_miou": summary["baseline_miou"], "finetuned_val_miou": summary["finetuned_miou"]},
-    )
+    with pipeline_run(cfg) as (pipeline_run_id, metrics):
+        summary = _pipeline(
+            cfg, recipe, [*overrides, f"tracking.parent_run_id={pipeline_run_id}"], register_model
+        )
+        metrics.update(
+            baseline_val_miou=summary["baseline_miou"], finetuned_val_miou=summary["finetuned_miou"]
+        )
     return {**summary, "mlflow_run_id": pipeline_run_id}
 
 
-def _pipeline(cfg: Config, recipe: str, overrides: list[str]) -> dict[str, Any]:
+def _pipeline(cfg: Config, recipe: str, overrides: list[str], register: bool) -> dict[str, Any]:
+    """Train and export, then register the candidate (if ``register``) and publish the artifacts."""
+    outcome = _train_and_export(cfg, recipe, overrides)
+    cfg = outcome.cfg
+    registered = run_stage(cfg, "register", register_stage, **outcome.candidate) if register else None
+    publish_artifacts.with_options(
+        retries=cfg.orchestration.retries, retry_delay_seconds=cfg.orchestration.retry_delay_seconds
+    )(cfg, outcome.baseline, outcome.finetuned, outcome.trained, registered)
+    summary = {
+        "tracking_uri": cfg.resolved_tracking_uri(),
+        "baseline_miou": outcome.baseline["miou"],
+        "finetuned_miou": outcome.finetuned["miou"],
+        "onnx_path": outcome.onnx_path,
+        "data_root": cfg.data.root,
+        "run_dir": cfg.run_dir,
+    }
+    if registered is None:
+        return {**summary, "candidate": outcome.candidate}
+    return {
+        **summary,
+        "model_name": registered["name"],
+        "version": registered["version"],
+        "aliases": registered["aliases"],
+        "promoted": registered["promoted"],
+    }
+
+
+@dataclass
+class _Outcome:
+    """What the stages up to the export produced; ``candidate`` = the register stage's parameters."""
+
+    cfg: Config
+    baseline: dict[str, Any]
+    trained: dict[str, Any]
+    finetuned: dict[str, Any]
+    onnx_path: str
+    candidate: dict[str, Any]
+
+
+def _train_and_export(cfg: Config, recipe: str, overrides: list[str]) -> _Outcome:
     """The stages in order; ``overrides`` name the parent MLflow run, the prepared root is added here."""
     work_dir = join(cfg.run_dir, "flow-runs", str(flow_run.id))
     if not any(override.startswith("train.output_dir=") for override in overrides):
@@ -189,33 +271,16 @@ def _pipeline(cfg: Config, recipe: str, overrides: list[str]) -> dict[str, Any]:
     )
     onnx_path = join(work_dir, "model.onnx")
     run_stage(cfg, "export", export_stage, **config, checkpoint_uri=best, out_path=onnx_path)
-    registered = run_stage(
-        cfg,
-        "register",
-        register_stage,
+    candidate = {
         **config,
-        train_run_id=trained["mlflow_run_id"],
-        checkpoint_uri=best,
-        onnx_path=onnx_path,
-        val_miou=finetuned["miou"],
-        baseline_miou=baseline["miou"],
-        dataset_fingerprint=prepared["fingerprint"],
-    )
-    publish_artifacts.with_options(
-        retries=cfg.orchestration.retries, retry_delay_seconds=cfg.orchestration.retry_delay_seconds
-    )(cfg, baseline, finetuned, trained, registered)
-    return {
-        "tracking_uri": cfg.resolved_tracking_uri(),
-        "model_name": registered["name"],
-        "version": registered["version"],
-        "aliases": registered["aliases"],
-        "promoted": registered["promoted"],
-        "baseline_miou": baseline["miou"],
-        "finetuned_miou": finetuned["miou"],
+        "train_run_id": trained["mlflow_run_id"],
+        "checkpoint_uri": best,
         "onnx_path": onnx_path,
-        "data_root": data_root,
-        "run_dir": cfg.run_dir,
+        "val_miou": finetuned["miou"],
+        "baseline_miou": baseline["miou"],
+        "dataset_fingerprint": prepared["fingerprint"],
     }
+    return _Outcome(cfg, baseline, trained, finetuned, onnx_path, candidate)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,15 +16,18 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, task
+from prefect.runtime import flow_run
 from prefect.states import Completed, State
 
 from components.config import Config, DataConfig, load_config
 from components.data.prepare import dataset_fingerprint, prepare_dataset, prepared_root
+from components.errors import ConfigError
 from components.evaluate import evaluate
 from components.export import export_onnx
+from components.k8sjob import run_labels, run_training_job
 from components.launch import launch_training
 from components.registry import register_model
-from components.storage import atomic_path
+from components.storage import atomic_path, is_s3, join
 from flows.credentials import cityscapes_credentials, export_aws_credentials
 
 logger = logging.getLogger(__name__)
@@ -131,14 +134,44 @@ def evaluate_stage(
 # --- training (GPU pool) --------------------------------------------------------------------------
 
 
+def multinode_overrides(cfg: Config, overrides: list[str]) -> list[str]:
+    """``overrides`` for a multi-node job, whose nodes share no disk: a local ``train.output_dir`` under
+    run_dir moves to the same place under ``orchestration.multinode.s3_run_dir``."""
+    output_dir, s3_run_dir = cfg.train.output_dir, cfg.orchestration.multinode.s3_run_dir
+    if is_s3(output_dir):
+        return overrides
+    run_dir = Path(cfg.run_dir).resolve()
+    local = Path(output_dir).resolve()
+    if s3_run_dir is None or not local.is_relative_to(run_dir):
+        raise ConfigError(
+            f"train.output_dir={output_dir!r} is local, but the nodes of a multi-node job share no disk: set "
+            "orchestration.multinode.s3_run_dir=s3://bucket/runs (it stands in for run_dir) or "
+            "train.output_dir=s3://bucket/prefix"
+        )
+    return [*overrides, f"train.output_dir={join(s3_run_dir, local.relative_to(run_dir).as_posix())}"]
+
+
 @flow(name="train", persist_result=True)
 def train_stage(recipe: str, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Fine-tune with torchrun, one process per visible GPU (Prefect stays outside the workers).
+    """Fine-tune with torchrun, one process per visible GPU (Prefect stays outside the workers); with
+    ``orchestration.multinode.enabled``, as a multi-node Kubernetes job that this flow run submits,
+    follows (pod 0's log in its logs) and deletes when it ends or the flow run is cancelled.
 
     No automatic retries: a rerun with the same ``train.output_dir`` resumes from the last checkpoint.
     """
     cfg = stage_config(recipe, overrides)
-    return _as_dict(launch_training(cfg))
+    if not cfg.orchestration.multinode.enabled:
+        return _as_dict(launch_training(cfg))
+    overrides = multinode_overrides(cfg, list(overrides or []))
+    cfg = load_config(recipe, overrides)
+    result = run_training_job(
+        cfg,
+        recipe=recipe,
+        overrides=overrides,
+        run_name=flow_run.name or cfg.recipe,
+        labels=run_labels(flow_run.id, flow_run.name, flow_run.root_flow_run_id),
+    )
+    return _as_dict(result)
 
 
 # --- export (GPU pool) ----------------------------------------------------------------------------

@@ -7,24 +7,23 @@ show up in anything the runs produced."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.mlflowserver import mlflow_server, stop_group
-from tests.s3server import TEST_CREDENTIALS, free_port, moto_server, wait_for_http
+from tests.prefectstack import (
+    MODEL_NAME,
+    SENTINELS,
+    Stack,
+    client_calls,
+    local_worker,
+    log_tail,
+    runs_of,
+    stack_fixture,  # noqa: F401 (the "stack" fixture)
+    tiny_overrides,
+)
+from tests.s3server import TEST_CREDENTIALS
 
-ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
-CITYSCAPES_PASSWORD_SENTINEL = "cityscapes-password-sentinel-5b1e"
-SENTINELS = [CITYSCAPES_PASSWORD_SENTINEL, TEST_CREDENTIALS["AWS_SECRET_ACCESS_KEY"]]
-MODEL_NAME = "e2e-cityscapes-deeplabv3"
 ARTIFACT_KEYS = [
     "iou-baseline-vs-finetuned",
     "mlflow-pipeline-run",
@@ -34,151 +33,27 @@ ARTIFACT_KEYS = [
 ]
 
 
-@dataclass
-class Stack:
-    env: dict[str, str]
-    api_url: str
-    tracking_uri: str
-    s3_endpoint: str
-    bucket: str
-    work: Path
-    outputs: list[str]
-    """stdout+stderr of every CLI command (scanned for secrets)."""
-
-    def cli(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run(
-            args, cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=timeout, check=False
-        )
-        self.outputs.append(result.stdout + result.stderr)
-        return result
-
-
-def _start(command: list[str], env: dict[str, str], log_path: Path, cwd: Path) -> subprocess.Popen:
-    with log_path.open("ab") as log:
-        return subprocess.Popen(
-            command,
-            env=env,
-            cwd=cwd,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-
-@pytest.fixture
-def stack(tmp_path: Path) -> Iterator[Stack]:
-    prefect_port = free_port()
-    api_url = f"http://127.0.0.1:{prefect_port}/api"
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "AWS_"))}
-    env = {
-        **clean,
-        **TEST_CREDENTIALS,
-        "PATH": f"{BIN}{os.pathsep}{clean.get('PATH', '')}",
-        "PREFECT_HOME": str(tmp_path / "prefect-home"),
-        "PREFECT_API_URL": api_url,
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_UI_ENABLED": "false",
-        "PREFECT_WORKER_QUERY_SECONDS": "1",
-        "PREFECT_LOCAL_STORAGE_PATH": str(tmp_path / "prefect-results"),
-        "CITYSCAPES_USERNAME": "e2e-user",
-        "CITYSCAPES_PASSWORD": CITYSCAPES_PASSWORD_SENTINEL,
-        "PYTHONUNBUFFERED": "1",
-    }
-    # Both servers take a while to start on a busy machine: start Prefect's, then MLflow's, wait for both.
-    server = _start(
-        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)],
-        env,
-        tmp_path / "prefect-server.log",
-        tmp_path,
-    )
-    try:
-        with moto_server() as s3, mlflow_server(tmp_path / "mlflow", s3) as mlflow:
-            env.update(MLFLOW_TRACKING_URI=mlflow.tracking_uri, AWS_ENDPOINT_URL_S3=s3)
-            wait_for_http(f"{api_url}/health", timeout=180, process=server)
-            yield Stack(env, api_url, mlflow.tracking_uri, s3, mlflow.bucket, tmp_path, [])
-    finally:
-        stop_group(server)
-
-
-def _overrides(work: Path) -> list[str]:
-    """A tiny config: 64x128 synthetic data in tmp, one epoch, everything written under ``work``."""
-    return [
-        "orchestration.stage_deployments.prepare=prepare-data/cityscapes-local",
-        "orchestration.retries=0",
-        f"run_dir={work / 'run'}",
-        f"data.root={work / 'data'}",
-        "data.synthetic={train: 4, val: 2, height: 64, width: 128, cities: 1, seed: 0}",
-        "data.num_workers=0",
-        "data.trainid_workers=1",
-        "augment.crop=[64, 128]",
-        "train.epochs=1",
-        "train.global_batch_size=2",
-        f"train.output_dir={work / 'run' / 'train'}",
-        "tracking.system_metrics=false",
-        f"registry.model_name={MODEL_NAME}",
-        "export.parity_sizes=[[64, 128], [32, 64]]",
-        "export.parity_images=1",
-        "evaluate.num_overlays=1",
-    ]
-
-
-def _client_calls(api_url: str, function: Any) -> Any:
-    from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
-        return function(client)
-
-
-def _runs_of(api_url: str) -> tuple[list[Any], dict[Any, Any]]:
-    """All flow runs (oldest first) and a task-run-id -> flow-run-id map."""
-
-    def read(client: Any) -> tuple[list[Any], dict[Any, Any]]:
-        flow_runs = sorted(client.read_flow_runs(), key=lambda run: run.created)
-        task_runs = client.read_task_runs()
-        return flow_runs, {task.id: task for task in task_runs}
-
-    return _client_calls(api_url, read)
-
-
-def _log_tail(path: Path, lines: int = 60) -> str:
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_deployed_flow_end_to_end(stack: Stack) -> None:
     import boto3
     from mlflow import MlflowClient
 
-    deployed = stack.cli("bash", "deploy/deploy.sh", "local")
-    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
-    worker = _start(
-        [str(BIN / "prefect"), "worker", "start", "--pool", "local", "--type", "process"],
-        stack.env,
-        stack.work / "worker.log",
-        stack.work,
-    )
-    params = json.dumps({"recipe": "demo", "overrides": _overrides(stack.work)})
-    try:
+    params = json.dumps({"recipe": "demo", "overrides": tiny_overrides(stack.work)})
+    with local_worker(stack) as worker_log:
         run = stack.cli(
             "prefect", "deployment", "run", "finetune/cityscapes-local", "--params", params,
             "--watch", "--watch-interval", "2", "--watch-timeout", "420", timeout=450,
         )  # fmt: skip
-        assert run.returncode == 0, f"{run.stdout}\n{run.stderr}\n{_log_tail(stack.work / 'worker.log')}"
+        assert run.returncode == 0, f"{run.stdout}\n{run.stderr}\n{log_tail(worker_log)}"
         # Again with unchanged data: the deployed data-preparation stage skips the work.
         rerun = stack.cli(
             "prefect", "deployment", "run", "prepare-data/cityscapes-local", "--params", params,
             "--watch", "--watch-interval", "1", "--watch-timeout", "120", timeout=150,
         )  # fmt: skip
-        assert rerun.returncode == 0, (
-            f"{rerun.stdout}\n{rerun.stderr}\n{_log_tail(stack.work / 'worker.log')}"
-        )
-    finally:
-        stop_group(worker)
+        assert rerun.returncode == 0, f"{rerun.stdout}\n{rerun.stderr}\n{log_tail(worker_log)}"
 
-    flow_runs, task_runs = _runs_of(stack.api_url)
+    flow_runs, task_runs = runs_of(stack.api_url)
     (parent,) = [run for run in flow_runs if run.parent_task_run_id is None and run.name.startswith("demo-")]
     assert parent.state.name == "Completed"
     assert parent.name == "demo-mobilenet_v3_large"  # <recipe>-<backbone>
@@ -232,7 +107,7 @@ def test_deployed_flow_end_to_end(stack: Stack) -> None:
     def read_artifacts(prefect_client: Any) -> list[Any]:
         return prefect_client.read_artifacts()
 
-    artifacts = _client_calls(stack.api_url, read_artifacts)
+    artifacts = client_calls(stack.api_url, read_artifacts)
     assert set(ARTIFACT_KEYS) <= {artifact.key for artifact in artifacts if artifact.flow_run_id == parent.id}
     table = next(a for a in artifacts if a.key == "iou-baseline-vs-finetuned" and a.flow_run_id == parent.id)
     rows = json.loads(table.data) if isinstance(table.data, str) else table.data

@@ -16,7 +16,7 @@ from components.data.sampling import train_loader
 from components.data.transforms import check_crop_fits
 from components.errors import ConfigError
 from components.optim import build_optimizer, build_scheduler, lr_factor, param_groups
-from components.train import result_path, train
+from components.train import read_result, train
 from components.trainer import BatchPlan, plan_batches
 from tests.conftest import prepared_synthetic
 
@@ -143,7 +143,7 @@ def test_training_learns_and_is_tracked_in_mlflow(
     assert result.epochs_completed == epochs
     assert result.best_checkpoint == str(tmp_path / "train" / "best.pt")
     assert result.last_checkpoint == str(tmp_path / "train" / f"epoch_{epochs:04d}.pt")
-    assert json.loads(result_path(cfg).read_text())["best_miou"] == result.best_miou
+    assert read_result(cfg.train.output_dir) == result
 
     client = mlflow.MlflowClient(cfg.resolved_tracking_uri())
     run = client.get_run(result.mlflow_run_id)
