@@ -15,14 +15,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests import test_e2e_deployment
+from tests.prefectstack import (
+    Stack,
+    client_calls,
+    local_worker,
+    log_tail,
+    stack_fixture,  # noqa: F401 (the "stack" fixture)
+)
 from tests.s3server import TEST_CREDENTIALS
-from tests.test_e2e_deployment import BIN, Stack, _client_calls, _log_tail, _start
 from tests.test_export import shared_export, tiny_config
-
-shared_stack = (
-    test_e2e_deployment.stack
-)  # that module's `stack` fixture (Prefect + MLflow + moto), not a copy
 
 NAME = "e2e-predict-deeplabv3"
 
@@ -66,9 +67,8 @@ def _manifest(s3: Any) -> list[dict[str, Any]]:
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_predict_deployment_writes_masks_and_manifest_to_s3_and_resumes(
-    shared_stack: Stack, tmp_path_factory: pytest.TempPathFactory, synthetic_root: Path
+    stack: Stack, tmp_path_factory: pytest.TempPathFactory, synthetic_root: Path
 ) -> None:
-    stack = shared_stack
     _register(stack, tmp_path_factory, synthetic_root)
     s3 = _s3(stack)
     for bucket in ("frames", "predictions"):
@@ -81,14 +81,6 @@ def test_predict_deployment_writes_masks_and_manifest_to_s3_and_resumes(
     s3.put_object(Bucket="frames", Key="in/cut.jpg", Body=buffer.getvalue()[:300])  # truncated
 
     stack.env["CITYSEG_CACHE"] = str(stack.work / "model-cache")  # not the user's cache: fresh versions
-    deployed = stack.cli("bash", "deploy/deploy.sh", "local")
-    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
-    worker = _start(
-        [str(BIN / "prefect"), "worker", "start", "--pool", "local", "--type", "process"],
-        stack.env,
-        stack.work / "worker.log",
-        stack.work,
-    )
     params = json.dumps({
         "inputs": "s3://frames/in", "output": "s3://predictions/run", "model": f"models:/{NAME}@champion",
         "shards": 2, "skip_bad": True,
@@ -99,9 +91,9 @@ def test_predict_deployment_writes_masks_and_manifest_to_s3_and_resumes(
             "prefect", "deployment", "run", "predict/cityscapes-local", "--params", params,
             "--watch", "--watch-interval", "2", "--watch-timeout", "300", timeout=330,
         )  # fmt: skip
-        assert run.returncode == 0, f"{run.stdout}\n{run.stderr}\n{_log_tail(stack.work / 'worker.log')}"
+        assert run.returncode == 0, f"{run.stdout}\n{run.stderr}\n{log_tail(worker_log)}"
 
-    try:
+    with local_worker(stack) as worker_log:
         run_deployment()
         manifest = _manifest(s3)
         assert len(manifest) == 7
@@ -123,15 +115,11 @@ def test_predict_deployment_writes_masks_and_manifest_to_s3_and_resumes(
             if output and f"s3://predictions/{key}" not in kept_outputs:
                 s3.delete_object(Bucket="predictions", Key=key)
         run_deployment()
-    finally:
-        from tests.mlflowserver import stop_group
-
-        stop_group(worker)
     assert len(_manifest(s3)) == 7
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket="predictions")["Contents"]}
     assert len([k for k in keys if k.startswith("run/trainIds/")]) == 6
 
-    artifacts = _client_calls(stack.api_url, lambda client: client.read_artifacts())
+    artifacts = client_calls(stack.api_url, lambda client: client.read_artifacts())
     summaries = sorted((a for a in artifacts if a.key == "predict-summary"), key=lambda a: a.created)
     assert len(summaries) == 2
     assert "7 inputs: 6 segmented, 0 done before, 1 failed" in summaries[0].data
