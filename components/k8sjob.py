@@ -69,6 +69,12 @@ REQUEST_TIMEOUT_S = 30
 """Limit of every API call except the log stream."""
 API_RETRY_S = 300.0
 """How long an unreachable or overloaded API server is retried before the run fails."""
+IMAGE_PULL_GRACE_S = 600.0
+"""How long pod 0 may keep failing to pull its image (ErrImagePull, ImagePullBackOff: a registry outage
+heals) before the run fails; an image that can never start (InvalidImageName) fails it at once. Without
+this a wrong tag would wait out activeDeadlineSeconds (24 h by default)."""
+_PULL_RETRYING = frozenset({"ErrImagePull", "ImagePullBackOff"})
+_NEVER_STARTS = frozenset({"InvalidImageName", "ErrImageNeverPull"})
 DELETE_WAIT_S = 300.0
 """Longest wait for a leftover job's pods to go before its replacement is created."""
 _DNS_UNSAFE = re.compile(r"[^a-z0-9]+")
@@ -353,6 +359,9 @@ class _Rank0Log(threading.Thread):
         self.jobs, self.job, self.lines, self.interval_s = jobs, name, lines, interval_s
         self.job_ended = threading.Event()
         """Set by the caller: return once the current pod's log is drained."""
+        self.cannot_start: str | None = None
+        """Why pod 0 will not start (its image), for the caller to fail the run with."""
+        self._pull_failing_since: float | None = None
         self._stop_now = threading.Event()
         self._response: Any = None
         self._lock = threading.Lock()
@@ -384,9 +393,20 @@ class _Rank0Log(threading.Thread):
                     elif note != last_note:
                         self.lines.put(f"[pod {pod.metadata.name}] {note}")
                         last_note = note
+                    self._check_image(note)
             except Exception as exc:  # the API, the stream: try again; the caller decides about the job
                 logger.debug("following %s's pod 0: %s", self.job, exc)
             self._stop_now.wait(self.interval_s)
+
+    def _check_image(self, note: str | None) -> None:
+        reason = (note or "").partition(":")[0]
+        if reason not in _PULL_RETRYING:
+            self._pull_failing_since = None
+        elif self._pull_failing_since is None:
+            self._pull_failing_since = time.monotonic()
+        failing_s = time.monotonic() - (self._pull_failing_since or time.monotonic())
+        if reason in _NEVER_STARTS or failing_s > IMAGE_PULL_GRACE_S:
+            self.cannot_start = note
 
     def _current_pod(self, drained: set[str]) -> Any | None:
         pods = [pod for pod in self.jobs.rank0_pods(self.job) if pod.metadata.uid not in drained]
@@ -561,6 +581,11 @@ def _follow(jobs: KubeJobs, name: str, where: str, poll_s: float, tail: collecti
             if state.finished:
                 break
             _log_lines(lines, tail, wait_s=poll_s)
+            if follower.cannot_start:
+                raise TrainingError(
+                    f"training job {where}: pod 0 cannot start ({follower.cannot_start}); check "
+                    "orchestration.multinode.image and that the nodes can pull it"
+                )
         follower.job_ended.set()  # pod 0's last lines may still be on their way
         deadline = time.monotonic() + max(30.0, 3 * poll_s)
         while follower.is_alive() and time.monotonic() < deadline:

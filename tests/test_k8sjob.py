@@ -548,6 +548,33 @@ def test_a_job_deleted_by_someone_else_fails_the_run(stub, job_env):
     assert stub.get(SERVICES, name) is None
 
 
+@pytest.mark.parametrize(
+    ("reason", "grace_s"),
+    [("InvalidImageName", 3600.0), ("ImagePullBackOff", 0.3)],  # never starts; still failing after the grace
+)
+def test_a_pod_that_cannot_pull_its_image_fails_the_run(stub, job_env, monkeypatch, reason, grace_s):
+    monkeypatch.setattr(k8sjob, "IMAGE_PULL_GRACE_S", grace_s)
+    name = job_name(RUN_NAME, OUTPUT, 2)
+    waiting = {"reason": reason, "message": "registry.example/cityseg-ops:1a2b3c"}
+
+    def controller() -> None:
+        stub.wait_for(lambda: stub.get(JOBS, name))
+        pod = f"{name}-0-x1"
+        stub.add_pod(NS, pod, _pod_labels(name), phase="Pending")
+        statuses = [{"name": "trainer", "ready": False, "restartCount": 0, "image": "i", "imageID": "",
+                     "state": {"waiting": waiting}}]  # fmt: skip
+        stub.update(PODS, pod, lambda p: p["status"].update(containerStatuses=statuses))
+
+    thread = _controller(controller)
+    with pytest.raises(
+        TrainingError, match=rf"pod 0 cannot start \({reason}: registry.example.*multinode.image"
+    ):
+        _run(stub, _overrides())
+    thread.join(5)
+    assert not thread.errors
+    assert stub.get(JOBS, name) is None and stub.get(SERVICES, name) is None  # deleted on the way out
+
+
 def test_missing_rbac_is_named(stub, job_env):
     stub.refuse[("POST", "jobs")] = 403
     with pytest.raises(TrainingError, match=r"HTTP 403.*forbidden.*multinode --rbac"):
