@@ -104,10 +104,10 @@ def _agents(cfg: Config, work: Path) -> list[Agent]:
         "PYTHONUNBUFFERED": "1",
         "LOGLEVEL": "INFO",  # the agents' own log: rendezvous rounds and worker-group restarts
     }
-    train = ["-m", "components.train", "--recipe", str(config_path)]
+    entry = ["-m", "components.train", "--recipe", str(config_path)]
     # Which agent hosts the rendezvous store; in a cluster, pod 0, whose address is the endpoint's.
     return [
-        Agent([sys.executable, "-m", "torch.distributed.run", *flags, f"--rdzv-conf=is_host={host}", *train],
+        Agent([sys.executable, "-m", "torch.distributed.run", *flags, f"--rdzv-conf=is_host={host}", *entry],
               work / f"agent-{index}.log", env)
         for index, host in enumerate(("true", "false"))
     ]  # fmt: skip

@@ -325,6 +325,12 @@ def _pod_labels(name: str) -> dict[str, str]:
     return {"batch.kubernetes.io/job-name": name, "batch.kubernetes.io/job-completion-index": "0"}
 
 
+def _rank0_succeeds(stub: KubeStub, pod: str) -> None:
+    """Rank 0 writes the result to S3 and pod 0's container exits cleanly."""
+    storage.write_bytes(f"{OUTPUT}/train_result.json", json.dumps(asdict(_result())).encode())
+    stub.end_container(NS, pod, "Succeeded")
+
+
 def _finish(stub: KubeStub, name: str, kind: str = "Complete", reason: str | None = None) -> None:
     condition = {"type": kind, "status": "True", "reason": reason, "message": f"{reason} message"}
     counts = {"succeeded": 2} if kind == "Complete" else {"failed": 1}
@@ -377,8 +383,7 @@ def test_a_job_runs_to_its_result_with_pod0s_log_relayed_and_is_deleted(stub, jo
         stub.wait_for(lambda: len(_pod_lists(stub)) >= listed + 2)  # the follower has seen it pending
         stub.update(PODS, pod, lambda p: p["status"].update(phase="Running", containerStatuses=None))
         stub.log(pod, "[rank 0] epoch 1/2 loss 1.20", "", "[rank 0] epoch 2/2 loss 0.80")
-        storage.write_bytes(f"{OUTPUT}/train_result.json", json.dumps(asdict(_result())).encode())
-        stub.end_container(NS, pod, "Succeeded")
+        _rank0_succeeds(stub, pod)
         stub.log(f"{name}-1-fghij", "[rank 8] not relayed: pod 1")
         _finish(stub, name)
 
@@ -427,8 +432,7 @@ def test_a_replaced_pod0_and_a_dropped_stream_relay_every_line_once(stub, job_en
         stub.end_container(NS, first, "Failed")  # the node is lost; the Job controller replaces pod 0
         stub.add_pod(NS, second, _pod_labels(name), created="2026-01-01T10:05:00Z")
         stub.log(second, "[rank 0] b1 (resumed)")
-        storage.write_bytes(f"{OUTPUT}/train_result.json", json.dumps(asdict(_result())).encode())
-        stub.end_container(NS, second, "Succeeded")
+        _rank0_succeeds(stub, second)
         _finish(stub, name)
 
     thread = _controller(controller)
@@ -517,8 +521,7 @@ def test_a_leftover_job_of_the_same_name_is_replaced_after_its_pods_are_gone(stu
         pod = f"{name}-0-new00"
         stub.add_pod(NS, pod, _pod_labels(name))
         stub.log(pod, "[rank 0] resuming from epoch 7")
-        storage.write_bytes(f"{OUTPUT}/train_result.json", json.dumps(asdict(_result())).encode())
-        stub.end_container(NS, pod, "Succeeded")
+        _rank0_succeeds(stub, pod)
         _finish(stub, name)
 
     thread = _controller(controller)
@@ -591,8 +594,7 @@ def test_the_trainjob_engine_runs_through_the_custom_objects_api(stub, job_env, 
         labels = {"jobset.sigs.k8s.io/jobset-name": name, "jobset.sigs.k8s.io/replicatedjob-name": "node"}
         stub.add_pod(NS, pod, {**labels, "batch.kubernetes.io/job-completion-index": "0"})
         stub.log(pod, "[rank 0] epoch 1/1")
-        storage.write_bytes(f"{OUTPUT}/train_result.json", json.dumps(asdict(_result())).encode())
-        stub.end_container(NS, pod, "Succeeded")
+        _rank0_succeeds(stub, pod)
         stub.update(
             TRAINJOBS,
             name,

@@ -233,32 +233,24 @@ def test_node_range_is_checked_by_the_config():
 
 
 def test_cli_prints_applicable_yaml(tmp_path):
-    done = subprocess.run(
-        [sys.executable, "-m", "components.multinode", "--image", "img:1", "--job-name", "ft-1", S3_OUT],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
+    done = _cli("--image", "img:1", "--job-name", "ft-1", S3_OUT)
+    assert done.returncode == 0, done.stderr
     assert [m["kind"] for m in yaml.safe_load_all(done.stdout)] == ["Service", "Job"]
-    refused = subprocess.run(
-        [sys.executable, "-m", "components.multinode", "--image", "img:1", "--job-name", "ft-1"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    refused = _cli("--image", "img:1", "--job-name", "ft-1")
     assert (
         refused.returncode == 1 and "train.output_dir" in refused.stderr and "Traceback" not in refused.stderr
     )
-    rbac = subprocess.run(
-        [sys.executable, "-m", "components.multinode", "--rbac"],
+    rbac = _cli("--rbac")
+    assert rbac.returncode == 0, rbac.stderr
+    assert [m["kind"] for m in yaml.safe_load_all(rbac.stdout)] == ["Role", "RoleBinding"]
+    assert "&id" not in done.stdout + rbac.stdout  # no YAML aliases for shared objects
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "components.multinode", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=120,
-        check=True,
     )
-    assert [m["kind"] for m in yaml.safe_load_all(rbac.stdout)] == ["Role", "RoleBinding"]
-    assert "&id" not in done.stdout + rbac.stdout  # no YAML aliases for shared objects
