@@ -326,7 +326,7 @@ class MultiNodeConfig(_Strict):
     checkpoint folder per flow run that every node reaches. None: train.output_dir must be s3:// itself."""
     engine: Literal["indexed-job", "trainjob"] = "indexed-job"
     """indexed-job: a batch/v1 Indexed Job + headless Service (no operator needed); trainjob: a Kubeflow
-    Trainer TrainJob (needs the operator and its ``torch-distributed`` runtime)."""
+    Trainer TrainJob (needs the operator and its ``torch-distributed`` runtime; data from the S3 mirror)."""
     nodes: int = 2
     """Pods (nodes) to start; each runs one torchrun agent with all its GPUs."""
     min_nodes: int | None = None

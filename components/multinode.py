@@ -10,7 +10,7 @@
   ``<job>-i.<job>`` in the Service's DNS, so every agent meets pod 0's c10d rendezvous store; one torchrun
   agent per pod starts one rank per GPU, with ``--nnodes MIN:MAX`` and ``--max-restarts``.
 * ``trainjob``: a Kubeflow Trainer ``TrainJob`` on the ``torch-distributed`` runtime, which sets torchrun's
-  ``PET_*`` variables itself.
+  ``PET_*`` variables itself; its pods mirror the dataset from S3 (``data_claim`` must be null).
 
 Manifests name the credentials Secret, never its values; plain settings (the MLflow and S3 endpoints)
 come as ``env`` values. Nodes share no disk, so a multi-node job must checkpoint to ``s3://`` (any node, or
@@ -42,7 +42,8 @@ MIRROR_SCRIPT = (
     "from components.data.prepare import prepare_dataset; "
     "prepare_dataset(load_config(sys.argv[2], sys.argv[3:]).data)"
 )
-"""The init container of a job without a data claim: mirror data.uri into the pod's data.root."""
+"""What each pod of a job without a data claim runs first (the Indexed Job's init container, the TrainJob's
+trainer before torchrun): mirror data.uri into the pod's data.root."""
 IMAGE_UID = 10001  # the image's non-root user (Dockerfile)
 TRAINJOB_GROUP, TRAINJOB_VERSION, TRAINJOB_PLURAL = "trainer.kubeflow.org", "v1alpha1", "trainjobs"
 TRAINJOB_API = f"{TRAINJOB_GROUP}/{TRAINJOB_VERSION}"
@@ -84,14 +85,18 @@ def training_manifests(
     all_labels |= {"cityseg-ops/job": job_name} | (labels or {})
     train_args = ["-m", "components.train", "--recipe", recipe, *overrides]
     plain_env = [{"name": name, "value": value} for name, value in {**AGENT_ENV, **(env or {})}.items()]
+    mirror_command = ["python", "-c", MIRROR_SCRIPT, "--recipe", recipe, *overrides]
     if settings.engine == "trainjob":
-        return [_train_job(settings, image, job_name, all_labels, ["torchrun", *train_args], plain_env)]
+        # The TrainJob API offers no init container or volume that holds across Trainer releases (its pod
+        # overrides were renamed and reshaped): the trainer container mirrors the data, then runs torchrun.
+        mirror_then_train = f"{shlex.join(mirror_command)} && exec {shlex.join(['torchrun', *train_args])}"
+        command = ["sh", "-c", mirror_then_train]
+        return [_train_job(settings, image, job_name, all_labels, command, plain_env)]
     endpoint = f"{job_name}-0.{job_name}:{settings.rdzv_port}"
     command = ["torchrun", *torchrun_flags(settings, endpoint, rdzv_id=job_name), *train_args]
     job = _indexed_job(settings, image, job_name, all_labels, command, plain_env)
     if settings.data_claim is None:  # each pod mirrors the dataset from S3 before training starts
-        mirror = _container(settings, image, ["python", "-c", MIRROR_SCRIPT, "--recipe", recipe, *overrides],
-                            plain_env, gpus=False)  # fmt: skip
+        mirror = _container(settings, image, mirror_command, plain_env, gpus=False)
         del mirror["ports"]
         job["spec"]["template"]["spec"]["initContainers"] = [{**mirror, "name": "data"}]
     return [_headless_service(settings, job_name, all_labels), job]
@@ -108,6 +113,12 @@ def _check(cfg: Config, settings: MultiNodeConfig, job_name: str) -> None:
         raise ConfigError(
             f"train.output_dir={cfg.train.output_dir!r}: a multi-node job needs an s3:// output_dir so that "
             "any node can resume from the checkpoints"
+        )
+    if settings.engine == "trainjob" and settings.data_claim is not None:
+        raise ConfigError(
+            f"orchestration.multinode.data_claim={settings.data_claim!r}: the trainjob engine mounts no "
+            "claim (its pods mirror the data from S3): set orchestration.multinode.data_claim=null "
+            "data.source=s3 data.uri=s3://bucket/cityscapes, or use engine=indexed-job"
         )
     if settings.data_claim is None and cfg.data.source != "s3":
         raise ConfigError(

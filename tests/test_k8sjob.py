@@ -603,7 +603,9 @@ def test_the_trainjob_engine_runs_through_the_custom_objects_api(stub, job_env, 
         assert trainjob["spec"]["trainer"]["numNodes"] == 2
 
     thread = _controller(controller)
-    assert _run(stub, _overrides("orchestration.multinode.engine=trainjob")) == _result()
+    trainjob = ["orchestration.multinode.engine=trainjob", "orchestration.multinode.data_claim=null"]
+    s3_data = ["data.source=s3", "data.uri=s3://datasets/cityscapes"]
+    assert _run(stub, _overrides(*trainjob, *s3_data)) == _result()
     thread.join(5)
     assert not thread.errors
     assert _pod0_lines(caplog) == ["[rank 0] epoch 1/1"]

@@ -4,6 +4,7 @@ schemas from kubernetes-validate), wired for c10d rendezvous, and free of secret
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 import uuid
@@ -18,7 +19,7 @@ import yaml
 from components.config import load_config
 from components.errors import ConfigError
 from components.k8sjob import render_job, run_labels
-from components.multinode import SUPPORTED_KUBERNETES, rbac_manifests, training_manifests
+from components.multinode import MIRROR_SCRIPT, SUPPORTED_KUBERNETES, rbac_manifests, training_manifests
 from components.storage import join
 from flows.stages import multinode_overrides
 
@@ -150,16 +151,23 @@ def test_agents_meet_at_pod_zero_through_the_headless_service():
     assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
 
 
-def test_trainjob_engine_renders_a_kubeflow_trainjob():
-    (train_job,) = _render(
-        [S3_OUT, "orchestration.multinode.engine=trainjob", "orchestration.multinode.nodes=3"]
-    )
+def test_trainjob_engine_renders_a_kubeflow_trainjob_whose_pods_mirror_the_data_first():
+    s3_data = [S3_OUT, "orchestration.multinode.data_claim=null", "data.source=s3", "data.uri=s3://d/cs"]
+    overrides = [*s3_data, "orchestration.multinode.engine=trainjob", "orchestration.multinode.nodes=3"]
+    (train_job,) = _render(overrides)
     assert train_job["apiVersion"] == "trainer.kubeflow.org/v1alpha1"
     assert train_job["kind"] == "TrainJob"
     assert train_job["spec"]["runtimeRef"] == {"name": "torch-distributed"}
     assert train_job["spec"]["trainer"]["numNodes"] == 3
-    # The runtime sets torchrun's PET_* variables: the command carries no rendezvous flags of its own.
-    assert train_job["spec"]["trainer"]["command"][:3] == ["torchrun", "-m", "components.train"]
+    shell, flag, script = train_job["spec"]["trainer"]["command"]
+    assert (shell, flag) == ("sh", "-c")
+    # The mirror the Indexed Job's init container runs (for real in the test below), then torchrun, whose
+    # PET_* variables the runtime sets: no rendezvous flags of its own.
+    mirror = ["python", "-c", MIRROR_SCRIPT, "--recipe", "strong", *overrides]
+    (init,) = _render(s3_data)[1]["spec"]["template"]["spec"]["initContainers"]
+    assert init["command"] == mirror[: -len(overrides)] + s3_data
+    train = ["torchrun", "-m", "components.train", "--recipe", "strong", *overrides]
+    assert shlex.split(script) == [*mirror, "&&", "exec", *train]
 
 
 def test_manifests_name_the_secret_but_never_carry_its_values(monkeypatch):
@@ -176,6 +184,7 @@ def test_manifests_name_the_secret_but_never_carry_its_values(monkeypatch):
     [
         (["train.output_dir=/local/runs"], "finetune-abc", "train.output_dir"),
         ([S3_OUT, "orchestration.multinode.data_claim=null"], "finetune-abc", "data.source=s3"),
+        ([S3_OUT, "orchestration.multinode.engine=trainjob"], "finetune-abc", "data_claim='cityseg-data'"),
         ([S3_OUT, "data.root=/mnt/cityscapes"], "finetune-abc", "data.root"),
         ([S3_OUT], "Finetune_ABC", "DNS label"),
         ([S3_OUT], "f" * 62, "63 characters"),
