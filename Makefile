@@ -6,13 +6,15 @@ RECIPE ?= demo
 # Idle OpenMP threads sleep instead of spinning: spinning made CPU training ~3x slower on shared cores.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: venv demo test audit lint bench lock clean images stack-tools stack-test
+.PHONY: venv demo test audit lint bench gpu-check gpu-wheels lock clean images stack-tools stack-test
 
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	@# onnxruntime-gpu (Linux x86_64) is the same module as onnxruntime: drop a CPU build an older lock left.
+	$(PY) -m pip uninstall --quiet --yes onnxruntime 2>/dev/null || true
 	$(PY) -m pip install --quiet -c requirements.lock -e '.[dev]'
 	touch $@
 
@@ -53,6 +55,25 @@ lint: venv
 ## CPU (and, where CUDA exists, GPU) benchmarks; writes bench/RESULTS.md.
 bench: venv
 	$(PY) -m bench.run
+
+## The GPU check (bench/README.md): training, loader, host syncs, resume, DDP and inference on one GPU in
+## <= 8 min; writes bench/gpu_results.json and the GPU section of bench/RESULTS.md. It runs on the GPU
+## machine's own Python there (torch preinstalled; the packages it lacks come from `make gpu-wheels`), the
+## venv's where one exists. Without CUDA it runs its CPU smoke mode (JSON to runs/gpu_check_smoke.json).
+GPU_PYTHON ?= $(if $(wildcard $(PY)),$(PY),python3)
+gpu-check:
+	GIT_COMMIT=$${GIT_COMMIT:-$$(git rev-parse HEAD 2>/dev/null)} $(GPU_PYTHON) -m bench.gpu_check
+
+## Wheels (CPython 3.12, manylinux x86-64) of what bench.gpu_check imports beyond the GPU machine's own
+## packages, into .whl/ (~8 MiB; versions from requirements.lock).
+GPU_WHEELS := pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
+	typing_extensions==4.16.0 albumentations==2.0.8 albucore==0.0.24 simsimd==6.5.16 stringzilla==5.3.2 \
+	zlib-ng==1.1.0 cityscapesScripts==2.3.0 pyquaternion==0.9.9
+gpu-wheels:
+	$(PYTHON) -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl $(GPU_WHEELS)
+	@du -sh .whl
 
 ## Every image of the local stack and the project image. OFFLINE=1: no container registry, only a Debian
 ## mirror and the PyPI mirror the host's pip uses (see README "Local stack").

@@ -2,11 +2,8 @@
 
 * ``bench_inference``: CPU latency of the bare graph, batch 1.
 * ``bench_predict_path``: CPU images/s of the whole ``components.predict`` path on full 1024x2048 frames.
-* ``bench_inference_gpu``: GPU images/s, ONNX fp32/fp16 (CUDA EP, TensorRT EP if present) vs eager
-  fp32/bf16 at batch 1 and 8 ("not run" without a GPU). Anchor: mmsegmentation's DeepLabv3-R50 runs
-  2.57 images/s at 1024x2048 on a V100 in fp32; the goal is >= 30 images/s on an H100-class GPU with
-  >= 99.5% argmax agreement vs fp32.
 
+GPU inference (PyTorch on CUDA) is a section of ``bench.gpu_check``.
 
 The model is ``build_model`` with random weights (nothing to download), exported by
 ``components.export.export_graph`` exactly as the export stage does (dynamic batch/height/width), run with
@@ -18,16 +15,13 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from bench.common import Row, make_row, not_run, side_by_side
+from bench.common import Row, make_row, side_by_side
 from components.config import IMAGENET_MEAN, IMAGENET_STD, ExportConfig, ModelConfig
 from components.export import LogitsOnly, export_graph
 from components.model import build_model
@@ -35,9 +29,6 @@ from components.serving import variant_path
 
 TARGET = ("<=", 0.8)
 PATH_TARGET = (">=", 1.5)
-GPU_GOAL = 30.0
-"""images/s at 1024x2048 on an H100-class GPU."""
-GPU_MIN_AGREEMENT = 0.995
 
 
 def bench_inference(
@@ -216,79 +207,3 @@ def _make_int8_variant(onnx_path: Path, root: Path) -> None:
             {"export": {"parity_sizes": [(512, 1024), (256, 512)], "calibration_images": 4}}
         )
         quantize_int8(onnx_path, int8_path, calibration_batches(str(root), cfg))
-
-
-def bench_inference_gpu(
-    work_dir: Path, *, backbone: str = "resnet50", size: tuple[int, int] = (1024, 2048), repeats: int = 10
-) -> list[Row]:
-    """GPU throughput at batch 1 and 8: ONNX fp32/fp16 on the CUDA execution provider (and TensorRT if
-    the onnxruntime wheel has it) vs PyTorch eager fp32 and bf16; parity = argmax agreement with eager
-    fp32 on the same random-weight network and inputs."""
-    what = f"GPU inference, DeepLabv3-{backbone} {size[0]}x{size[1]}"
-    if not torch.cuda.is_available():
-        return [not_run(what, "images/s", "no GPU lent", f">= {GPU_GOAL:g} images/s")]
-    import onnxruntime as ort
-
-    from components.export import convert_fp16
-
-    net, fp32_path = _random_onnx(work_dir, backbone)
-    fp16_path = fp32_path.with_name(fp32_path.stem + "_fp16.onnx")
-    if not fp16_path.is_file():
-        convert_fp16(fp32_path, fp16_path)
-    net = net.cuda()
-    available = ort.get_available_providers()
-    variants = {
-        "ONNX fp32 CUDA EP": (fp32_path, "CUDAExecutionProvider"),
-        "ONNX fp16 CUDA EP": (fp16_path, "CUDAExecutionProvider"),
-    }
-    if "TensorrtExecutionProvider" in available:
-        variants["ONNX fp16 TensorRT EP"] = (fp16_path, "TensorrtExecutionProvider")
-    rows = []
-    for batch_size in (1, 8):
-        images = torch.randn(batch_size, 3, *size, generator=torch.Generator().manual_seed(0))
-        gpu_images = images.cuda()
-
-        def eager(dtype: torch.dtype | None, gpu_images: torch.Tensor = gpu_images) -> np.ndarray:
-            with (
-                torch.inference_mode(),
-                torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None),
-            ):
-                out = net(gpu_images).argmax(1)
-            torch.cuda.synchronize()
-            return out.cpu().numpy()
-
-        baseline_s, reference = _timed(lambda: eager(None), repeats)
-        runs = {"PyTorch eager bf16": _timed(lambda: eager(torch.bfloat16), repeats)}
-        for name, (path, provider) in variants.items():
-            session = ort.InferenceSession(str(path), providers=[provider, "CPUExecutionProvider"])
-            feed = {session.get_inputs()[0].name: images.numpy()}
-            runs[name] = _timed(
-                lambda session=session, feed=feed: session.run(None, feed)[0].argmax(1), repeats
-            )
-        for name, (seconds, pred) in runs.items():
-            agreement = float((pred == reference).mean())
-            rows.append(
-                make_row(
-                    f"{what} batch {batch_size}: {name} (vs PyTorch eager fp32)",
-                    "images/s",
-                    batch_size / seconds,
-                    batch_size / baseline_s,
-                    agreement >= GPU_MIN_AGREEMENT,
-                    None,
-                    f"{torch.cuda.get_device_name()}; argmax agreement vs fp32 {agreement:.5f} "
-                    f"(goal >= {GPU_MIN_AGREEMENT}, >= {GPU_GOAL:g} images/s); median of {repeats}, "
-                    "host<->device copies included",
-                )
-            )
-    return rows
-
-
-def _timed(call: Callable[[], np.ndarray], repeats: int) -> tuple[float, np.ndarray]:
-    """(median seconds, last result) after one warm-up call."""
-    result = call()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result

@@ -1,13 +1,13 @@
 """Run the benchmarks, print the table, write ``bench/results.json`` and ``bench/RESULTS.md``.
 
-    python -m bench.run                      # everything (make bench), ~10 min on 2 cores
+    python -m bench.run                      # everything (make bench), ~20 min on 2 cores
     python -m bench.run --only evaluation    # one benchmark
-    python -m bench.run --only gpu --gpu-compile   # on a CUDA machine
 
 Every row is ours vs the reference measured side by side in this process on the project's synthetic
-full-size data (generated once under ``--work-dir``). GPU rows measured on a CUDA machine are also kept
-in ``bench/gpu_results.json`` so that a later CPU-only run still shows them (with their own machine,
-date and commit). Exit status 1 when any row's results differ from its reference.
+full-size data (generated once under ``--work-dir``). The GPU rows come from ``python -m bench.gpu_check``
+(``make gpu-check``, on a CUDA machine), which keeps them in ``bench/gpu_results.json``; RESULTS.md shows
+them with their own machine, date and commit. Exit status 1 when any row's results differ from its
+reference.
 """
 
 from __future__ import annotations
@@ -29,7 +29,11 @@ from bench.common import Row, machine, source_commit, synthetic_dataset
 logger = logging.getLogger(__name__)
 
 BENCH_DIR = Path(__file__).parent
-BENCHMARKS = ("input", "trainids", "evaluation", "inference", "gpu")
+BENCHMARKS = ("input", "trainids", "evaluation", "inference")
+GPU_HEADING = "## GPU check"
+OLD_GPU_JSON = BENCH_DIR / "gpu_results_old_code.json"
+"""The GPU rows of 2026-11-26 (torch 2.11, before the training step was rewritten): kept until
+``make gpu-check`` has measured the current code."""
 
 
 def run_benchmarks(
@@ -42,8 +46,6 @@ def run_benchmarks(
     width: int = 2048,
     repeats: int = 5,
     trainid_copies: int = 6,
-    gpu_compile: bool = False,
-    gpu_profile: Path | None = None,
     on_row: Callable[[Row], None] = lambda row: None,
 ) -> list[Row]:
     """The selected benchmarks' rows: the defaults are the real benchmark, smaller sizes a smoke test."""
@@ -74,18 +76,13 @@ def run_benchmarks(
 
         add(bench_evaluation(root, work_dir / "evaluation", repeats=repeats))
     if "inference" in only:
-        from bench.inference import bench_inference, bench_inference_gpu, bench_predict_path
+        from bench.inference import bench_inference, bench_predict_path
 
         add(bench_inference(work_dir / "inference", repeats=repeats))
         for precision in ("fp32", "int8"):
             add(
                 bench_predict_path(root, work_dir / "inference", repeats=min(repeats, 3), precision=precision)
             )
-        add(bench_inference_gpu(work_dir / "inference"))
-    if "gpu" in only:
-        from bench.gpu_training import bench_gpu_training
-
-        add(bench_gpu_training(root, compile_model=gpu_compile, profile_path=gpu_profile))
     return rows
 
 
@@ -111,10 +108,8 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def results_markdown(
-    run: dict[str, Any], gpu_run: dict[str, Any] | None, gpu_profile: Path | None = None
-) -> str:
-    """``RESULTS.md``: this run's table and context, plus the last GPU run's where this one had no GPU."""
+def results_markdown(run: dict[str, Any], gpu_run: dict[str, Any] | None) -> str:
+    """``RESULTS.md``: this run's table and context, then the GPU check's section."""
     parts = [
         "# Benchmark results",
         "",
@@ -134,13 +129,51 @@ def results_markdown(
             f"target {row['target']}"
             for row in missed
         ]
-    measured_gpu = any(row["what"].startswith("GPU") and row["ours"] is not None for row in run["rows"])
-    if gpu_run is not None and not measured_gpu:
-        parts += ["", "## GPU rows from the last run on a GPU machine", "", _context(gpu_run), ""]
-        parts.append(table(gpu_run["rows"]))
-    if gpu_profile is not None and gpu_profile.is_file() and (gpu_run is not None or measured_gpu):
-        parts += ["", f"torch.profiler's top CUDA kernels of the step-only runs: `{gpu_profile.name}`."]
+    return "\n".join(parts) + "\n\n" + gpu_markdown(gpu_run)
+
+
+def gpu_markdown(gpu_run: dict[str, Any] | None) -> str:
+    """The GPU section: the last ``bench.gpu_check`` record (measured, or why not), then the rows of the
+    old code while ``OLD_GPU_JSON`` exists."""
+    parts = [
+        GPU_HEADING,
+        "",
+        "Written by `python -m bench.gpu_check` (`make gpu-check`, see bench/README.md).",
+    ]
+    if gpu_run is None:
+        parts += ["", "No GPU check recorded."]
+    elif gpu_run.get("mode") == "not run":
+        parts += [
+            "",
+            f"- Recorded: {gpu_run['date']}; commit: {gpu_run['commit']}",
+            "",
+            table(gpu_run["rows"]),
+        ]
+    else:
+        parts += ["", _context(gpu_run)]
+        parts += [f"- Estimate {gpu_run['estimate_s']:.0f} s, budget {gpu_run['budget_s']:.0f} s; sections: "]
+        parts[-1] += "; ".join(f"{name} {record['status']}" for name, record in gpu_run["sections"].items())
+        parts += ["", table(gpu_run["rows"])]
+    if OLD_GPU_JSON.is_file():
+        old = json.loads(OLD_GPU_JSON.read_text())
+        parts += [
+            "",
+            "### Old code: GPU rows of 2026-11-26 (torch 2.11), before the training step was rewritten",
+            "",
+            "Measured by `bench.gpu_training` (since replaced by `bench.gpu_check`) on the trainer of that "
+            "day, against the paper's setup: not the current code. Kept until `make gpu-check` measures it.",
+            "",
+            _context(old),
+            "",
+            table(old["rows"]),
+        ]
     return "\n".join(parts) + "\n"
+
+
+def replace_gpu_section(results: Path, gpu_run: dict[str, Any]) -> None:
+    """Rewrite the GPU section of ``results`` (the rest stays as ``bench.run`` wrote it)."""
+    head = results.read_text().split(GPU_HEADING)[0].rstrip() if results.is_file() else "# Benchmark results"
+    _write(results, head + "\n\n" + gpu_markdown(gpu_run))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,7 +186,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--val", type=int, default=64, help="synthetic val frames (evaluation)")
     parser.add_argument("--height", type=int, default=1024, help="synthetic frame height (width = 2x)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per side (median)")
-    parser.add_argument("--gpu-compile", action="store_true", help="also measure ours with torch.compile")
     parser.add_argument("--json", type=Path, default=BENCH_DIR / "results.json")
     parser.add_argument("--results", type=Path, default=BENCH_DIR / "RESULTS.md")
     parser.add_argument("--gpu-json", type=Path, default=BENCH_DIR / "gpu_results.json")
@@ -172,8 +204,6 @@ def main(argv: list[str] | None = None) -> int:
         height=args.height,
         width=2 * args.height,
         repeats=args.repeats,
-        gpu_compile=args.gpu_compile,
-        gpu_profile=args.gpu_json.with_name("gpu_profile.md"),
         on_row=lambda row: print(
             f"{row.what}: {_number(row.ours)} vs {_number(row.reference)} {row.unit}", flush=True
         ),
@@ -190,11 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         "rows": [row.to_dict() for row in rows],
     }
     _write(args.json, json.dumps(run, indent=2))
-    gpu_rows = [row for row in run["rows"] if row["what"].startswith("GPU") and row["ours"] is not None]
-    if gpu_rows:
-        _write(args.gpu_json, json.dumps({**run, "rows": gpu_rows}, indent=2))
     gpu_run = json.loads(args.gpu_json.read_text()) if args.gpu_json.is_file() else None
-    _write(args.results, results_markdown(run, gpu_run, args.gpu_json.with_name("gpu_profile.md")))
+    _write(args.results, results_markdown(run, gpu_run))
     print(table(run["rows"]))
     print(f"\n{run['seconds']:.0f} s; wrote {args.json} and {args.results}")
     return 1 if any(row.identical is False for row in rows) else 0

@@ -274,6 +274,10 @@ class ExportConfig(_Strict):
     The parity gate checks either graph."""
     opset: int = 18
     """ONNX opset, recorded in the model's metadata."""
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    """Where onnxruntime runs the fp32/fp16 parity gates, as predict would: auto (CUDA when a GPU is
+    visible), cuda (fails naming what is missing) or cpu (e.g. when the GPU gate misses its bar). int8
+    is always gated on the CPU, where it runs."""
     max_abs_diff: float = 1e-3
     """Parity gate: largest |ONNX - PyTorch| logit difference allowed (fp32)."""
     min_argmax_agreement: float = 0.999

@@ -21,6 +21,11 @@ class ModelError(CitysegError):
     """A model or checkpoint cannot be built or loaded."""
 
 
+class DeviceError(ModelError):
+    """The requested device cannot run the model (``device=cuda`` without a usable GPU); the message
+    lists what is missing."""
+
+
 class CheckpointError(ModelError):
     """A checkpoint file is truncated, corrupt or incompatible."""
 

@@ -26,7 +26,7 @@ from components.cli import run_cli
 from components.config import Config, load_config
 from components.errors import ExportError
 from components.labels import CLASS_NAMES, PALETTE, TRAIN_ID_TO_LABEL_ID
-from components.serving import variant_path
+from components.serving import DEVICES, check_device, open_session, variant_path
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,8 @@ class ExportResult:
     argmax_agreement: float
     parity: list[ParityReport]
     metadata: dict[str, str]
+    provider: str = ""
+    """The onnxruntime execution provider that ran the fp32 and fp16 gates (``device``)."""
     fp16_path: str | None = None
     fp16_parity: list[ParityReport] = field(default_factory=list)
     int8_path: str | None = None
@@ -84,14 +86,17 @@ def export_onnx(
     cfg: Config | None = None,
     *,
     source_run_id: str | None = None,
+    device: str = "auto",
 ) -> ExportResult:
     """Export a checkpoint (path, s3:// or models:/ URI) to ONNX at ``out_path`` (local or s3://).
 
     ``cfg`` defaults to the checkpoint's own config; ``source_run_id`` (default: the active MLflow run)
-    is recorded in the metadata. Raises ExportError when export fails or the parity gate rejects it.
+    is recorded in the metadata; ``device`` (auto, cuda, cpu) is where onnxruntime runs the fp32 and fp16
+    gates, as predict would. Raises ExportError when export fails or the parity gate rejects it.
     """
     from components.model import load_model
 
+    check_device(device)  # device=cuda without a usable GPU fails before the (long) export
     model, saved_cfg = load_model(checkpoint_uri)
     cfg = cfg or saved_cfg
     if cfg.model.num_classes != len(CLASS_NAMES):
@@ -106,8 +111,8 @@ def export_onnx(
         exporter = export_graph(net, staged, cfg.export.opset, cfg.export.exporter)
         metadata = onnx_metadata(cfg, exporter, source_run_id)
         finalize(staged, metadata)
-        parity = check_parity(
-            staged, net, batches, cfg.export.max_abs_diff, cfg.export.min_argmax_agreement, "fp32"
+        parity, provider = check_parity(
+            staged, net, batches, cfg.export.max_abs_diff, cfg.export.min_argmax_agreement, "fp32", device
         )
         result = ExportResult(
             onnx_path=str(out_path),
@@ -117,39 +122,43 @@ def export_onnx(
             argmax_agreement=min(r.argmax_agreement for r in parity),
             parity=parity,
             metadata=metadata,
+            provider=provider,
         )
         if cfg.export.fp16:
             staged16 = Path(tmp) / "model.fp16.onnx"
             convert_fp16(staged, staged16)
-            result.fp16_parity = check_parity(
+            result.fp16_parity, _ = check_parity(
                 staged16,
                 net,
                 batches,
                 cfg.export.fp16_max_abs_diff,
                 cfg.export.fp16_min_argmax_agreement,
                 "fp16",
+                device,
             )
             result.fp16_path = variant_path(str(out_path), "fp16")
             storage.upload(staged16, result.fp16_path)
         if cfg.export.int8:
             staged8 = Path(tmp) / "model.int8.onnx"
             quantize_int8(staged, staged8, calibration_batches(data_root, cfg))
-            # Quantization shifts every logit a little; what users see is the argmax.
-            result.int8_parity = check_parity(
-                staged8, net, batches, float("inf"), cfg.export.int8_min_argmax_agreement, "int8"
+            # Quantization shifts every logit a little; what users see is the argmax. Gated on the CPU,
+            # the only place the int8 variant is meant to run.
+            result.int8_parity, _ = check_parity(
+                staged8, net, batches, float("inf"), cfg.export.int8_min_argmax_agreement, "int8", "cpu"
             )
             result.int8_path = variant_path(str(out_path), "int8")
             storage.upload(staged8, result.int8_path)
         # Only a model that passed every gate is published (atomically for local paths).
         storage.upload(staged, str(out_path))
     logger.info(
-        "exported %s -> %s (%s exporter, opset %d): max |diff| %.2e, argmax agreement %.5f",
+        "exported %s -> %s (%s exporter, opset %d): max |diff| %.2e, argmax agreement %.5f on %s",
         checkpoint_uri,
         out_path,
         exporter,
         result.opset,
         result.max_abs_diff,
         result.argmax_agreement,
+        provider,
     )
     return result
 
@@ -354,11 +363,13 @@ def check_parity(
     max_abs_diff: float,
     min_agreement: float,
     label: str,
-) -> list[ParityReport]:
-    """Compare onnxruntime with PyTorch on each batch; ExportError (with the numbers) if any bar fails."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    device: str = "auto",
+) -> tuple[list[ParityReport], str]:
+    """Compare onnxruntime on ``device`` with PyTorch on each batch; ExportError (with the numbers) if any
+    bar fails. Returns the reports and the execution provider that ran the ONNX side."""
+    # Strict fp32 on GPUs: the gate judges the exported graph, not TensorFloat-32 rounding.
+    session = open_session(onnx_path, device, cuda_options={"use_tf32": "0"})
+    provider = session.get_providers()[0]
     reports = []
     for size, images in batches:
         with torch.no_grad():
@@ -373,7 +384,14 @@ def check_parity(
         reports.append(
             ParityReport(size=size, images=len(images), max_abs_diff=diff, argmax_agreement=agreement)
         )
-        logger.info("%s parity at %s: max |diff| %.3e, argmax agreement %.5f", label, size, diff, agreement)
+        logger.info(
+            "%s parity at %s on %s: max |diff| %.3e, argmax agreement %.5f",
+            label,
+            size,
+            provider,
+            diff,
+            agreement,
+        )
     failed = [
         r for r in reports if not (r.max_abs_diff <= max_abs_diff and r.argmax_agreement >= min_agreement)
     ]
@@ -383,8 +401,10 @@ def check_parity(
             f"argmax agreement {r.argmax_agreement:.5f} (minimum {min_agreement})"
             for r in failed
         )
-        raise ExportError(f"parity gate rejected the {label} ONNX export: {details}. Nothing was published.")
-    return reports
+        raise ExportError(
+            f"parity gate rejected the {label} ONNX export ({provider}): {details}. Nothing was published."
+        )
+    return reports, provider
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -396,6 +416,9 @@ def main(argv: list[str] | None = None) -> int:
         "--recipe", help="recipe name/YAML whose export settings to use (default: the checkpoint's config)"
     )
     parser.add_argument("--run-id", help="source MLflow run id to record in the metadata")
+    parser.add_argument(
+        "--device", choices=DEVICES, default="auto", help="where onnxruntime runs the parity gate"
+    )
     parser.add_argument("overrides", nargs="*", help="overrides on --recipe, e.g. export.fp16=true")
     args = parser.parse_args(argv)
     if args.overrides and not args.recipe:
@@ -403,7 +426,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> None:
         cfg = load_config(args.recipe, args.overrides) if args.recipe else None
-        result = export_onnx(args.checkpoint, args.out, args.data, cfg, source_run_id=args.run_id)
+        result = export_onnx(
+            args.checkpoint, args.out, args.data, cfg, source_run_id=args.run_id, device=args.device
+        )
         print(json.dumps({k: v for k, v in result.to_dict().items() if k != "metadata"}, indent=2))
 
     return run_cli(run)

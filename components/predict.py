@@ -8,7 +8,12 @@ cached per version under ``~/.cache/cityseg-ops/<name>/<version>/``, ``--cache-d
 ``$CITYSEG_CACHE`` move it) or a local/s3:// ``.onnx`` file. For every image ``<rel>/<stem>.<ext>`` it
 writes ``trainIds/<rel>/<stem>.png``, ``labelIds/<rel>/<stem>.png`` (what the Cityscapes benchmark
 server and ``CITYSCAPES_RESULTS`` take) and, unless ``--no-overlay``, ``overlay/<rel>/<stem>.png``, plus
-one line per input in ``manifest.jsonl`` (input, outputs, size, model name and version, status).
+one line per input in ``manifest.jsonl`` (input, outputs, size, model name and version, the onnxruntime
+execution provider that ran it, status).
+
+``--device`` (default ``auto``) picks where onnxruntime runs: ``auto`` uses the GPU when one is visible
+(and says why not when it falls back to the CPU), ``cuda`` refuses to start without a working CUDA provider
+(DeviceError, listing what is missing), ``cpu`` (or ``--cpu``) never touches the GPU.
 
 Nothing is lost or silently wrong:
   * two inputs that would write the same output (``x.jpg`` and ``x.webp``) are refused before anything
@@ -51,7 +56,7 @@ from components.cli import run_cli
 from components.data.layout import PNG_SIGNATURE
 from components.errors import DataError, ModelError
 from components.labels import colorize, trainid_to_labelid_lut
-from components.serving import PRECISIONS, Segmenter, variant_path
+from components.serving import DEVICES, PRECISIONS, Segmenter, variant_path
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +99,8 @@ class PredictSummary:
     failed: dict[str, str] = field(default_factory=dict)
     """input -> reason, for inputs skipped with skip_bad."""
     seconds: float = 0.0
+    provider: str = ""
+    """The onnxruntime execution provider that ran the model (CUDAExecutionProvider, CPUExecutionProvider)."""
 
     @property
     def images_per_second(self) -> float:
@@ -119,7 +126,7 @@ def segment_inputs(
     overlays: bool = True,
     manifest_name: str = MANIFEST,
     cache_dir: str | None = None,
-    providers: list[str] | None = None,
+    device: str = "auto",
     precision: str = "fp32",
     progress: bool = True,
 ) -> PredictSummary:
@@ -130,11 +137,11 @@ def segment_inputs(
     refs = list_inputs(inputs) if isinstance(inputs, str) else inputs
     check_collisions(refs)
     onnx_path, model = resolve_model(model_uri, cache_dir, precision)
-    segmenter = Segmenter(onnx_path, providers)
+    segmenter = Segmenter(onnx_path, device)
     manifest = read_manifest(output)
     records = {source: record for source, record in manifest.items() if source in {r.source for r in refs}}
     todo = [ref for ref in refs if not _done(records.get(ref.source), model)]
-    summary = PredictSummary(model, output, storage.join(output, manifest_name))
+    summary = PredictSummary(model, output, storage.join(output, manifest_name), provider=segmenter.provider)
     summary.resumed = len(refs) - len(todo)
     if summary.resumed:
         logger.info("%d of %d inputs already done with %s v%s: skipped", summary.resumed, len(refs),
@@ -166,7 +173,8 @@ def segment_inputs(
                     records[ref.source] = {
                         "input": ref.source, "outputs": outputs, "status": OK,
                         "width": int(mask.shape[1]), "height": int(mask.shape[0]),
-                        "exif_orientation": orientation, **_model_fields(model),
+                        "exif_orientation": orientation, "provider": segmenter.provider,
+                        **_model_fields(model),
                     }  # fmt: skip
                     summary.segmented.append(outputs["trainIds"])
                 # Recorded after every batch: an interrupted run resumes from here.
@@ -175,8 +183,9 @@ def segment_inputs(
     write_manifest(summary.manifest, records)
     summary.seconds = time.perf_counter() - started
     logger.info(
-        "segmented %d images (%d done before, %d failed) into %s with %s v%s",
+        "segmented %d images (%d done before, %d failed) into %s with %s v%s on %s",
         len(summary.segmented), summary.resumed, len(summary.failed), output, model.name, model.version,
+        summary.provider,
     )  # fmt: skip
     return summary
 
@@ -508,7 +517,11 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     parser.add_argument("--no-overlay", action="store_true", help="write masks only")
     parser.add_argument("--cache-dir", help=f"model cache (default $CITYSEG_CACHE or {DEFAULT_CACHE})")
-    parser.add_argument("--cpu", action="store_true", help="use the CPU even when CUDA is available")
+    parser.add_argument(
+        "--device", choices=DEVICES, default="auto",
+        help="auto: the GPU when one is visible, else the CPU; cuda: a GPU or an error; cpu",
+    )  # fmt: skip
+    parser.add_argument("--cpu", dest="device", action="store_const", const="cpu", help="--device cpu")
     parser.add_argument(
         "--precision", choices=PRECISIONS, default="fp32",
         help="the ONNX variant: int8 runs ~2-3x faster on CPUs (exported with export.int8=true)",
@@ -527,13 +540,13 @@ def main(argv: list[str] | None = None) -> int:
             skip_bad=args.skip_bad,
             overlays=not args.no_overlay,
             cache_dir=args.cache_dir,
-            providers=["CPUExecutionProvider"] if args.cpu else None,
+            device=args.device,
             precision=args.precision,
         )
         print(
             f"segmented {len(summary.segmented)} images into {args.output} with {summary.model.name} "
-            f"v{summary.model.version} ({summary.resumed} done before, {len(summary.failed)} skipped as bad; "
-            f"manifest: {summary.manifest})"
+            f"v{summary.model.version} on {summary.provider} ({summary.resumed} done before, "
+            f"{len(summary.failed)} skipped as bad; manifest: {summary.manifest})"
         )
 
     return run_cli(run)

@@ -355,9 +355,14 @@ def _pinned_requirements(packages: tuple[str, ...]) -> list[str]:
     """``package==<installed version>``: the served model gets what it was tested with."""
     pins = []
     for package in packages:
-        try:
-            pins.append(f"{package}=={importlib_metadata.version(package)}")
-        except importlib_metadata.PackageNotFoundError:
+        # onnxruntime-gpu (the image's) is the same module: the lean server gets the CPU build of its version.
+        for installed in (package, f"{package}-gpu") if package == "onnxruntime" else (package,):
+            try:
+                pins.append(f"{package}=={importlib_metadata.version(installed)}")
+                break
+            except importlib_metadata.PackageNotFoundError:
+                continue
+        else:
             pins.append(package)
     return pins
 

@@ -21,7 +21,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -36,6 +35,7 @@ from components.errors import ConfigError
 from components.evaluate import evaluate_model, protocol_name
 from components.labels import IGNORE_INDEX
 from components.model import build_model
+from components.optim import build_optimizer, build_scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -121,16 +121,18 @@ def train_step(
     aux_weight: float = 0.0,
     autocast_dtype: torch.dtype | None = None,
     ddp: DistributedDataParallel | None = None,
-) -> float:
+) -> torch.Tensor:
     """One optimizer step over this rank's share of the global batch; returns the global batch loss.
 
     The loss is the sum of per-pixel cross-entropies over the global batch divided by its number of
     valid pixels, so any world size / ``micro_batch`` split computes the gradient of one big batch.
     ``ddp``: the DDP wrapper inside ``model`` (if any), to skip gradient syncs until the last micro-batch.
+    The loss comes back as a float64 scalar tensor on the device: nothing here waits for the GPU (no
+    ``.item()``), so the host queues the next step while this one runs.
     """
     world = distributed.rank_world()[1]
     valid = distributed.all_reduce_sum((labels != IGNORE_INDEX).sum().to(torch.float64)).clamp(min=1)
-    scale = world / valid.item()  # x world: DDP averages the gradients over ranks
+    scale = world / valid  # x world: DDP averages the gradients over ranks
     loss_sum = torch.zeros((), dtype=torch.float64, device=labels.device)
     chunks = list(zip(images.split(micro_batch), labels.split(micro_batch), strict=True))
     for index, (image_chunk, label_chunk) in enumerate(chunks):
@@ -141,13 +143,13 @@ def train_step(
             ):
                 outputs = model(image_chunk)
             loss = pixel_loss_sum(outputs, label_chunk, aux_weight)
-            (loss * scale).backward()
+            (loss * scale.to(loss.dtype)).backward()
         loss_sum += loss.detach()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if scheduler is not None:
         scheduler.step()
-    return (distributed.all_reduce_sum(loss_sum) / valid).item()
+    return distributed.all_reduce_sum(loss_sum) / valid
 
 
 def pixel_loss_sum(outputs: dict[str, torch.Tensor], labels: torch.Tensor, aux_weight: float) -> torch.Tensor:
@@ -179,38 +181,71 @@ class Stepper:
     autocast_dtype: torch.dtype | None
     stop: threading.Event
 
+    def step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """One ``train_step`` on a loader batch (non-blocking copies to the device); the loss tensor."""
+        device = self.ctx.device
+        memory_format = (
+            torch.channels_last if uses_channels_last(self.cfg, device) else torch.contiguous_format
+        )
+        return train_step(
+            self.model,
+            self.state.optimizer,
+            self.state.scheduler,
+            images.to(device, non_blocking=True).contiguous(memory_format=memory_format),
+            labels.to(device, non_blocking=True),
+            micro_batch=self.plan.micro,
+            aux_weight=self.cfg.train.aux_weight,
+            autocast_dtype=self.autocast_dtype,
+            ddp=self.ddp,
+        )
+
+
+def build_stepper(
+    cfg: Config, ctx: distributed.DistContext, plan: BatchPlan, steps_per_epoch: int, stop: threading.Event
+) -> Stepper:
+    """This rank's model (DDP-wrapped for world size > 1, compiled if ``train.compile``), optimizer and
+    LR schedule, fresh: ``state.from_checkpoint`` resumes them."""
+    raw = build_trainable_model(cfg, ctx.device, ctx.world_size)
+    optimizer = build_optimizer(raw, cfg.optimizer)
+    scheduler = build_scheduler(optimizer, cfg.optimizer, cfg.train.epochs * steps_per_epoch)
+    model: nn.Module = raw
+    ddp = None
+    if ctx.world_size > 1:
+        device_ids = [ctx.device] if ctx.device.type == "cuda" else None
+        model = ddp = DistributedDataParallel(raw, device_ids=device_ids)
+    if cfg.train.compile:
+        model = torch.compile(model)
+    state = TrainState(raw, optimizer, scheduler)
+    return Stepper(cfg, ctx, plan, state, model, ddp, autocast_dtype(cfg, ctx.device), stop)
+
 
 def train_one_epoch(run: Stepper, loader: DataLoader, epoch: int) -> dict[str, float] | None:
-    """Train loss, LR and throughput of the epoch; None if SIGTERM (on any rank) stopped it."""
+    """Train loss, LR and throughput of the epoch; None if SIGTERM (on any rank) stopped it.
+
+    The host reads from the device only every ``train.log_every`` steps and at the epoch's end (the
+    logged loss; with several ranks, whether any got SIGTERM): losses add up on the device in between, so
+    a GPU is never idle waiting for the host. One process checks its SIGTERM flag before every step.
+    """
     cfg, device, steps = run.cfg, run.ctx.device, len(loader)
-    memory_format = torch.channels_last if uses_channels_last(cfg, device) else torch.contiguous_format
     run.model.train()
-    losses: list[float] = []
+    loss_total = torch.zeros((), dtype=torch.float64, device=device)
     started = time.perf_counter()
     bar = tqdm(
         total=steps, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", disable=not run.ctx.is_main, leave=False
     )
     for step, (images, labels) in enumerate(loader, start=1):
-        if _stop_requested(run):
+        if run.ctx.world_size == 1 and run.stop.is_set():
             bar.close()
             return None
-        images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
-        labels = labels.to(device, non_blocking=True)
         torch.manual_seed(derived_seed(cfg.train.seed, epoch, run.ctx.rank, step))  # this step's dropout
-        loss = train_step(
-            run.model,
-            run.state.optimizer,
-            run.state.scheduler,
-            images,
-            labels,
-            micro_batch=run.plan.micro,
-            aux_weight=cfg.train.aux_weight,
-            autocast_dtype=run.autocast_dtype,
-            ddp=run.ddp,
-        )
-        losses.append(loss)
+        loss = run.step(images, labels)
+        loss_total += loss
         bar.update()
         if step % cfg.train.log_every == 0 or step == steps:
+            if run.ctx.world_size > 1 and _stop_requested(run):
+                bar.close()
+                return None
+            value = loss.item()  # waits for this step, so the rate below is the device's, not the host's
             elapsed = time.perf_counter() - started
             remaining = (steps - step + (cfg.train.epochs - epoch - 1) * steps) * elapsed / step
             logger.info(
@@ -219,18 +254,17 @@ def train_one_epoch(run: Stepper, loader: DataLoader, epoch: int) -> dict[str, f
                 cfg.train.epochs,
                 step,
                 steps,
-                loss,
+                value,
                 run.state.scheduler.get_last_lr()[0],
                 step * cfg.train.global_batch_size / elapsed,
                 _duration(remaining),
             )
     bar.close()
-    if _stop_requested(run):
-        return None
+    train_loss = (loss_total / steps).item()  # waits for the last step: the epoch's time is complete
     return {
-        "train_loss": float(np.mean(losses)),
+        "train_loss": train_loss,
         "lr": float(run.state.scheduler.get_last_lr()[0]),
-        "images_per_second": len(losses) * cfg.train.global_batch_size / (time.perf_counter() - started),
+        "images_per_second": steps * cfg.train.global_batch_size / (time.perf_counter() - started),
     }
 
 
@@ -300,7 +334,8 @@ def uses_channels_last(cfg: Config, device: torch.device) -> bool:
 
 
 def _stop_requested(run: Stepper) -> bool:
-    """True on every rank once any rank got SIGTERM, so all stop at the same step."""
+    """True on every rank once any rank got SIGTERM, so all stop at the same step (a host sync: read
+    only at log points)."""
     flag = torch.tensor(float(run.stop.is_set()), device=run.ctx.device)
     return bool(distributed.all_reduce_sum(flag).item() > 0)
 

@@ -7,6 +7,10 @@ inputs are checked first (corrupt or unsupported files refuse the run before any
 ``skip_bad``); then shards run as concurrent tasks with retries, each recording its inputs in a
 ``manifest.<shard>.jsonl`` after every batch; the flow merges them into ``manifest.jsonl``. A rerun into
 the same output skips what a manifest lists as done with that version, so an interrupted run resumes.
+
+``device`` (auto, cuda, cpu) is where onnxruntime runs: the GPU pool deployments set ``cuda``, so a
+container without a working GPU fails before any shard starts, naming what is missing, instead of
+segmenting on the CPU. The provider that ran is in every manifest line and in the ``predict-summary``.
 """
 
 from __future__ import annotations
@@ -32,7 +36,9 @@ from components.predict import (
     segment_inputs,
     write_manifest,
 )
+from components.serving import Device, check_device
 from flows.credentials import export_aws_credentials
+from flows.logs import show_project_logs
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +55,12 @@ def segment_task(
     summary = segment_inputs(
         model_uri, refs, output, manifest_name=f"manifest.{shard:04d}.jsonl", progress=False, **options
     )
-    return {"segmented": len(summary.segmented), "resumed": summary.resumed, "failed": summary.failed}
+    return {
+        "segmented": len(summary.segmented),
+        "resumed": summary.resumed,
+        "failed": summary.failed,
+        "provider": summary.provider,
+    }
 
 
 @flow(name="predict", persist_result=True)
@@ -63,12 +74,16 @@ def predict(
     overlays: bool = True,
     skip_bad: bool = False,
     precision: Literal["fp32", "fp16", "int8"] = "fp32",
+    device: Device = "auto",
     retries: int = 2,
 ) -> dict[str, Any]:
     """Segment ``inputs`` (folder or s3:// prefix) into ``output`` (folder or s3:// prefix) with ``model``
-    (``models:/name@alias``, ``models:/name/version`` or an .onnx path/URI)."""
+    (``models:/name@alias``, ``models:/name/version`` or an .onnx path/URI) on ``device``."""
+    show_project_logs()
     if shards < 1:
         raise ValueError(f"shards must be at least 1, got {shards}")
+    # device=cuda without a usable GPU fails here, once, rather than in every shard and its retries.
+    check_device(device)
     export_aws_credentials()
     started = time.perf_counter()
     refs = list_inputs(inputs)
@@ -88,6 +103,7 @@ def predict(
         "overlays": overlays,
         "skip_bad": skip_bad,
         "precision": precision,
+        "device": device,
     }
     shard_task = segment_task.with_options(retries=retries, retry_delay_seconds=5)
     futures = [shard_task.submit(model_uri, group, output, i, options) for i, group in enumerate(groups)]
@@ -99,8 +115,11 @@ def predict(
     counts = _merge_manifests(output)
     seconds = time.perf_counter() - started
     segmented = sum(r["segmented"] for r in results)
+    provider = ", ".join(sorted({r["provider"] for r in results}))
     summary = {
         "model": f"{version.name} v{version.version} ({version.precision})",
+        "device": device,
+        "provider": provider,
         "inputs": len(refs),
         "segmented": segmented,
         "resumed": sum(r["resumed"] for r in results),
@@ -117,10 +136,10 @@ def predict(
             f"# Batch inference with {summary['model']}\n\n"
             f"{len(refs)} inputs: {segmented} segmented, {summary['resumed']} done before, "
             f"{len(summary['failed'])} failed; {summary['images_per_second']} images/s over "
-            f"{summary['seconds']} s.\n\nOutputs and manifest: `{output}`\n"
+            f"{summary['seconds']} s on {provider} (device={device}).\n\nOutputs and manifest: `{output}`\n"
             + (f"\n| failed input | reason |\n|---|---|{failures}\n" if failures else "")
         ),
-        description="Counts, failures and throughput of this batch inference run",
+        description="Counts, failures, throughput and execution provider of this batch inference run",
     )
     return summary
 

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from bench.run import main
 
@@ -29,7 +28,6 @@ def test_bench_rows_at_toy_size(tmp_path: Path, capsys: pytest.CaptureFixture[st
         "input",
         "trainids",
         "evaluation",
-        "gpu",
     ]
     files = ["--json", str(results_json), "--results", str(results_md)]
     files += ["--gpu-json", str(tmp_path / "gpu_results.json"), "--work-dir", str(tmp_path / "work")]
@@ -38,10 +36,9 @@ def test_bench_rows_at_toy_size(tmp_path: Path, capsys: pytest.CaptureFixture[st
     run = json.loads(results_json.read_text())
     rows = {row["what"].split(" (")[0].split(",")[0]: row for row in run["rows"]}
     assert all(set(row) == FIELDS for row in run["rows"])
-    assert len(run["rows"]) == 5
+    assert len(run["rows"]) == 4
 
-    measured = [row for row in run["rows"] if not row["what"].startswith("GPU")]
-    for row in measured:
+    for row in run["rows"]:
         assert row["identical"] is True, row
         assert row["ours"] > 0 and row["reference"] > 0
         assert row["ratio"] == row["ours"] / row["reference"]  # the same division; JSON keeps floats exactly
@@ -49,31 +46,8 @@ def test_bench_rows_at_toy_size(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert "max |IoU diff| 0.0e+00" in rows["evaluation"]["notes"]
     assert "36 annotations" in rows["trainId labels"]["notes"]
 
-    if not torch.cuda.is_available():
-        gpu = rows["GPU training"]
-        assert gpu["notes"] == "not run: no GPU lent" and gpu["ours"] is None and gpu["identical"] is None
-        assert not (tmp_path / "gpu_results.json").exists()
-
     markdown = results_md.read_text()
     assert "| what | ours | reference |" in markdown and run["commit"] in markdown
     assert "input pipeline, paper recipe (per core)" in markdown
+    assert "## GPU check\n" in markdown and "No GPU check recorded." in markdown  # no gpu_results.json there
     assert "images/s" in capsys.readouterr().out
-
-
-@pytest.mark.slow
-def test_gpu_training_bench_runs_the_real_train_step_on_cpu(tmp_path: Path) -> None:
-    """The GPU benchmark's code path at toy size on CPU, so that a crash in it fails CI."""
-    from bench.gpu_training import bench_gpu_training
-    from tests.conftest import prepared_synthetic
-
-    root = prepared_synthetic(tmp_path / "data", train=4, val=1, height=64, width=128)
-    tiny = ("model.backbone=mobilenet_v3_large", "augment.resize=[64, 128]", "train.global_batch_size=2")
-    rows = bench_gpu_training(root, steps=1, warmup=1, device="cpu", overrides=tiny)
-
-    # ours vs the paper setup, end to end and step only (cuDNN autotuning is CUDA's alone).
-    assert [row.what.rsplit(", ", 1)[1] for row in rows] == [
-        "end to end (ours vs paper setup)",
-        "step only (ours vs paper setup)",
-    ]
-    assert all(row.ours > 0 and row.reference > 0 for row in rows)
-    assert all("micro-batch 2 vs 2" in row.notes for row in rows)

@@ -1,11 +1,11 @@
-"""The inference benchmark rows at toy size: the whole predict path vs the eager loop, and the GPU rows."""
+"""The inference benchmark rows at toy size: the whole predict path vs the eager loop (GPU inference:
+tests/test_gpu_check.py)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-import torch
 
 
 @pytest.mark.slow
@@ -23,12 +23,3 @@ def test_predict_path_rows_against_the_eager_loop(synthetic_root: Path, tmp_path
     assert "path int8" in int8.what and int8.target == ">= 1.5x" and int8.ours > 0
     agreement = float(int8.notes.split("argmax agreement ")[1].split()[0])
     assert agreement >= 0.5  # a random MobileNetV3 predicts nearly one class: int8 may agree everywhere
-
-
-def test_gpu_rows_say_not_run_without_a_gpu(tmp_path: Path) -> None:
-    from bench.inference import bench_inference_gpu
-
-    if torch.cuda.is_available():
-        pytest.skip("a GPU is present: the rows are measured by `python -m bench.run --only inference`")
-    (row,) = bench_inference_gpu(tmp_path)
-    assert row.what.startswith("GPU inference") and row.notes == "not run: no GPU lent" and row.ours is None

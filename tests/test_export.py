@@ -14,6 +14,7 @@ import torch
 
 from components.config import Config, load_config
 from components.export import ExportResult
+from components.serving import cuda_problems
 
 # The default (dynamo) exporter, which the demo recipe swaps for the faster torchscript one.
 PARITY_OVERRIDES = [
@@ -84,6 +85,7 @@ def test_export_passes_gate_and_carries_metadata(exported, synthetic_root: Path)
     assert result.exporter == "dynamo"
     assert result.max_abs_diff <= 1e-3 and result.argmax_agreement >= 0.999
     assert [r.size for r in result.parity] == [(64, 128), (48, 96)]
+    assert result.provider == ("CPUExecutionProvider" if cuda_problems() else "CUDAExecutionProvider")
     model = onnx.load(str(path))
     onnx.checker.check_model(model, full_check=True)
     assert model.opset_import[0].version == 18
@@ -196,13 +198,15 @@ def test_int8_variant_is_gated_and_published_beside_the_fp32_file(
     metadata = read_metadata(variant)
     assert metadata["precision"] == "int8" and metadata["mean"] == read_metadata(out)["mean"]
     images = np.random.default_rng(0).integers(0, 256, (2, 48, 96, 3), dtype=np.uint8)
-    masks = Segmenter(variant, ["CPUExecutionProvider"]).masks(images)
+    masks = Segmenter(variant, "cpu").masks(images)
     assert masks.shape == (2, 48, 96) and masks.dtype == np.uint8
 
     rejected = tmp_path / "rejected" / "model.onnx"
-    with pytest.raises(
-        ExportError, match=r"rejected the int8 ONNX export: .*argmax agreement 0\.\d+ \(minimum 1\.01\)"
-    ):
+    # Gated on the CPU (where the int8 variant runs) whatever the export's device.
+    expected = (
+        r"rejected the int8 ONNX export \(CPUExecutionProvider\): .*argmax agreement 0\.\d+ \(minimum 1\.01\)"
+    )
+    with pytest.raises(ExportError, match=expected):
         export_onnx(
             checkpoint,
             str(rejected),
@@ -231,8 +235,9 @@ def test_fp16_variant_meets_its_own_bar(exported, tmp_path: Path, synthetic_root
     assert fp16.stat().st_size < 0.6 * Path(result.onnx_path).stat().st_size
     net = LogitsOnly(load_model(checkpoint)[0]).eval()
     cfg = tiny_config()
-    reports = check_parity(
+    reports, provider = check_parity(
         fp16, net, parity_batches(str(synthetic_root), cfg),
-        cfg.export.fp16_max_abs_diff, cfg.export.fp16_min_argmax_agreement, "fp16",
+        cfg.export.fp16_max_abs_diff, cfg.export.fp16_min_argmax_agreement, "fp16", "cpu",
     )  # fmt: skip
+    assert provider == "CPUExecutionProvider"
     assert all(0 < r.max_abs_diff <= 5e-2 and r.argmax_agreement >= 0.99 for r in reports)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import onnxruntime as ort
 import pytest
 
 from tests.mlflowserver import MlflowServer, proxied_mlflow_server, stop_group
@@ -111,6 +112,8 @@ def test_champion_loads_and_serves_from_a_lean_environment(
     )
     declared = [line for line in requirements.read_text().splitlines() if line and not line.startswith("-")]
     assert declared == _pins()
+    # The CPU build of the onnxruntime tested here, also where that is onnxruntime-gpu (the same module).
+    assert f"onnxruntime=={ort.__version__}" in declared
     code = Path(mlflow.artifacts.download_artifacts(f"{uri}/code", dst_path=str(tmp_path / "code")))
     assert sorted(p.name for p in (code / "components").iterdir()) == [
         "__init__.py", "errors.py", "labels.py", "serving.py",
@@ -129,6 +132,15 @@ def test_champion_loads_and_serves_from_a_lean_environment(
     masks = np.load(tmp_path / "out.npy")
     assert masks.dtype == np.uint8 and masks.shape == (2, 32, 64)
     np.testing.assert_array_equal(masks, expected)
+
+    # Asked for the GPU, the lean (CPU onnxruntime) environment refuses to load rather than serve on the CPU.
+    refused = subprocess.run(
+        [str(lean_python), "-c", LOAD_AND_PREDICT, uri, str(tmp_path / "in.npy"), str(tmp_path / "gpu.npy")],
+        cwd=outside, env={**_lean_env(srv.tracking_uri), "CITYSEG_DEVICE": "cuda"},
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert refused.returncode != 0 and not (tmp_path / "gpu.npy").exists()
+    assert "DeviceError: device=cuda" in refused.stderr and "CPU-only build" in refused.stderr, refused.stderr
 
     # `mlflow models serve` of the lean venv answers the documented JSON input with masks.
     port = free_port()

@@ -158,6 +158,15 @@ fi
 build "$MLFLOW_SERVER_IMAGE" --build-arg "MLFLOW_IMAGE=$MLFLOW_IMAGE" infra/mlflow
 build "$PREFECT_SERVER_IMAGE" --build-arg "PREFECT_IMAGE=$PREFECT_IMAGE" infra/prefect
 build "$CITYSEG_IMAGE" --build-arg "GIT_COMMIT=$(git rev-parse HEAD 2>/dev/null || echo unknown)" .
+# The GPU pools run this image with device=cuda: its onnxruntime must be the GPU build and find the CUDA
+# runtime and cuDNN libraries of torch's nvidia-* wheels. Checkable without a GPU (only the driver is absent).
+phase "check $CITYSEG_IMAGE: onnxruntime has CUDAExecutionProvider and its CUDA libraries"
+docker run --rm "$CITYSEG_IMAGE" python -c "
+import onnxruntime as ort
+from components.serving import CUDA, missing_cuda_libraries
+assert CUDA in ort.get_available_providers(), f'onnxruntime {ort.__version__} lacks {CUDA}: the CPU-only build'
+assert not missing_cuda_libraries(), missing_cuda_libraries()
+print(f'onnxruntime {ort.__version__}:', ', '.join(ort.get_available_providers()))"
 phase "done"
 docker image ls --format '{{.Repository}}:{{.Tag}}\t{{.Size}}' \
     | grep -F -e "$BASE_IMAGE" -e "$POSTGRES_IMAGE" -e "$SEAWEEDFS_IMAGE" -e "$MLFLOW_IMAGE" \
