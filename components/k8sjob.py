@@ -5,7 +5,8 @@
 The Kubernetes counterpart of ``components.launch.launch_training``: it renders the job from the config
 (``components.multinode.training_manifests``: an Indexed Job + headless Service, or a Kubeflow TrainJob),
 submits it, follows it to its end while relaying pod 0's log line by line to this module's logger (a
-replacement pod 0 is picked up), then reads ``<train.output_dir>/train_result.json`` (``s3://``) and
+replacement pod 0 is picked up; rank 0's progress records go to the caller's ``on_epoch``, as in
+``launch_training``), then reads ``<train.output_dir>/train_result.json`` (``s3://``) and
 returns the ``TrainResult``. A failed job raises ``TrainingError`` naming the job, the reason Kubernetes
 gives and pod 0's last lines. Pod 0 carries global rank 0: torchrun's c10d rendezvous numbers the agents
 by host name, and pod 0's (``<job>-0.<job>...``) sorts first.
@@ -42,6 +43,7 @@ from urllib.parse import urlsplit
 
 from components.config import Config
 from components.errors import ConfigError
+from components.launch import OnEpoch, relay_progress
 from components.multinode import (
     TRAINJOB_GROUP,
     TRAINJOB_PLURAL,
@@ -509,11 +511,13 @@ def run_training_job(
     image: str | None = None,
     api: Any = None,
     poll_s: float | None = None,
+    on_epoch: OnEpoch | None = None,
 ) -> TrainResult:
     """Submit ``cfg``'s multi-node training job, follow it to its end and return its TrainResult.
 
     ``recipe``, ``overrides``, ``run_name``, ``labels``, ``image``: as for ``render_job``; ``api``: a
-    ``kubernetes.client.ApiClient`` (default ``api_client()``); ``poll_s``: default ``POLL_S``.
+    ``kubernetes.client.ApiClient`` (default ``api_client()``); ``poll_s``: default ``POLL_S``;
+    ``on_epoch``: receives rank 0's progress records, in this thread.
     """
     poll_s = poll_s or POLL_S
     settings = cfg.orchestration.multinode
@@ -532,7 +536,7 @@ def run_training_job(
                 "training job %s (%s): %d node(s) x %d GPU(s), image %s, checkpoints in %s",
                 where, settings.engine, settings.nodes, settings.gpus_per_node, image, cfg.train.output_dir,
             )  # fmt: skip
-            state = _follow(jobs, name, where, poll_s, tail)
+            state = _follow(jobs, name, where, poll_s, tail, on_epoch)
         finally:
             _delete_quietly(jobs, name, where)
     if not state.succeeded:
@@ -563,7 +567,14 @@ def _remove_leftover(jobs: KubeJobs, name: str, poll_s: float) -> None:
         time.sleep(poll_s)
 
 
-def _follow(jobs: KubeJobs, name: str, where: str, poll_s: float, tail: collections.deque[str]) -> JobState:
+def _follow(
+    jobs: KubeJobs,
+    name: str,
+    where: str,
+    poll_s: float,
+    tail: collections.deque[str],
+    on_epoch: OnEpoch | None,
+) -> JobState:
     """Poll the job until it finishes, logging pod 0's lines as they come."""
     lines: queue.Queue[str] = queue.Queue()
     follower = _Rank0Log(jobs, name, lines, poll_s)
@@ -580,7 +591,7 @@ def _follow(jobs: KubeJobs, name: str, where: str, poll_s: float, tail: collecti
                 last_summary = state.summary
             if state.finished:
                 break
-            _log_lines(lines, tail, wait_s=poll_s)
+            _log_lines(lines, tail, on_epoch, wait_s=poll_s)
             if follower.cannot_start:
                 raise TrainingError(
                     f"training job {where}: pod 0 cannot start ({follower.cannot_start}); check "
@@ -589,25 +600,30 @@ def _follow(jobs: KubeJobs, name: str, where: str, poll_s: float, tail: collecti
         follower.job_ended.set()  # pod 0's last lines may still be on their way
         deadline = time.monotonic() + max(30.0, 3 * poll_s)
         while follower.is_alive() and time.monotonic() < deadline:
-            _log_lines(lines, tail, wait_s=min(poll_s, 0.5))
+            _log_lines(lines, tail, on_epoch, wait_s=min(poll_s, 0.5))
     finally:
         follower.stop()
         follower.join(timeout=5)
-        _log_lines(lines, tail, wait_s=0)
+        _log_lines(lines, tail, on_epoch, wait_s=0)
     return state
 
 
-def _log_lines(lines: queue.Queue[str], tail: collections.deque[str], wait_s: float) -> None:
-    """Log what the follower queued, waiting up to ``wait_s`` for the first line."""
+def _log_lines(
+    lines: queue.Queue[str], tail: collections.deque[str], on_epoch: OnEpoch | None, wait_s: float
+) -> None:
+    """Log what the follower queued (progress records to ``on_epoch``), waiting up to ``wait_s`` for the
+    first line."""
     deadline = time.monotonic() + wait_s
     while True:
         try:
             line = lines.get(timeout=max(0.0, deadline - time.monotonic())) if wait_s else lines.get_nowait()
         except queue.Empty:
             return
+        wait_s = 0  # then only what is already there
+        if relay_progress(line, on_epoch):
+            continue
         tail.append(line)
         logger.info("%s", line)
-        wait_s = 0  # then only what is already there
 
 
 def _delete_quietly(jobs: KubeJobs, name: str, where: str) -> None:

@@ -4,7 +4,9 @@
 
 Runs nothing of the training itself: it writes the config, starts ``torchrun`` (one rank per visible
 GPU, or 1 on CPU), relays the ranks' output to this module's logger, forwards a SIGTERM sent to this
-process (preemption) to torchrun, and reads the result file rank 0 wrote.
+process (preemption) to torchrun, and reads the result file rank 0 wrote. Rank 0's progress records
+(``components.train.EpochProgress`` lines) go to the caller's ``on_epoch`` instead of the log: the
+orchestrator shows them its own way (the train stage: Prefect artifacts) without importing it here.
 """
 
 from __future__ import annotations
@@ -18,22 +20,26 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 
 from components.config import Config
-from components.train import TrainingError, TrainResult, read_result
+from components.train import EpochProgress, TrainingError, TrainResult, read_result
 
 logger = logging.getLogger(__name__)
 
+OnEpoch = Callable[[EpochProgress], None]
+"""Called in the launching thread with each of rank 0's progress records: at the start, after every epoch."""
 
-def launch_training(cfg: Config, nproc: int | None = None) -> TrainResult:
+
+def launch_training(cfg: Config, nproc: int | None = None, on_epoch: OnEpoch | None = None) -> TrainResult:
     """Run ``torchrun -m components.train`` on this node (one process per visible GPU, or 1 on CPU).
 
-    Output is streamed to this module's logger; a non-zero exit raises TrainingError with the exit code
-    and the last lines (a preempted run can simply be launched again: it resumes).
+    Output is streamed to this module's logger, progress records to ``on_epoch``; a non-zero exit raises
+    TrainingError with the exit code and the last lines (a preempted run can simply be launched again: it
+    resumes).
     """
     nproc = nproc or max(1, torch.cuda.device_count())
     # One file per launch: concurrent flow runs (a sweep's points) share run_dir.
@@ -41,7 +47,7 @@ def launch_training(cfg: Config, nproc: int | None = None) -> TrainResult:
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="train_config-", dir=cfg.run_dir) as config:
         config.write(cfg.to_yaml())
         config.flush()
-        exit_code, command, errors, tail = _run_torchrun(nproc, config.name)
+        exit_code, command, errors, tail = _run_torchrun(nproc, config.name, on_epoch)
     if exit_code != 0:
         raise TrainingError(
             f"training exited with code {exit_code} ({' '.join(command)}); rerunning with the same "
@@ -54,7 +60,23 @@ def launch_training(cfg: Config, nproc: int | None = None) -> TrainResult:
     return read_result(cfg.train.output_dir, "training")
 
 
-def _run_torchrun(nproc: int, config_path: str) -> tuple[int, list[str], list[str], list[str]]:
+def relay_progress(line: str, on_epoch: OnEpoch | None) -> bool:
+    """True if ``line`` is a progress record (then it went to ``on_epoch``, and is not for the log)."""
+    progress = EpochProgress.from_line(line)
+    if progress is None:
+        return False
+    logger.debug("%s", line)
+    if on_epoch is not None:
+        try:
+            on_epoch(progress)
+        except Exception as exc:  # the caller's reporting (an API call) must not stop the relay of training
+            logger.warning("reporting the progress after epoch %d failed: %s", progress.epoch, exc)
+    return True
+
+
+def _run_torchrun(
+    nproc: int, config_path: str, on_epoch: OnEpoch | None
+) -> tuple[int, list[str], list[str], list[str]]:
     """torchrun's exit code, its command line, the error lines and the last lines of its output."""
     command = [
         sys.executable,
@@ -91,6 +113,8 @@ def _run_torchrun(nproc: int, config_path: str) -> tuple[int, list[str], list[st
         for line in process.stdout:
             line = line.rstrip()
             if not line.strip():  # what a closing progress bar leaves behind
+                continue
+            if relay_progress(line, on_epoch):
                 continue
             tail.append(line)
             # "error: " may follow an unfinished progress bar on the same line.

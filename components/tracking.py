@@ -6,6 +6,10 @@ run directory (``mlflow ui --backend-store-uri sqlite:///runs/demo/mlflow.db`` b
 One pipeline run (the ``finetune`` flow) is one parent run (:func:`start_pipeline_run`); every run started
 with :func:`mlflow_run` under a config whose ``tracking.parent_run_id`` is set is its child (baseline
 evaluation, training, fine-tuned evaluation), so pipeline runs compare side by side in the MLflow UI.
+
+A process killed mid-run leaves its runs ``RUNNING``: :func:`close_run` ends them ``KILLED`` with the tag
+``cityseg.closed_reason``; a run continued later (a retried pipeline, a resumed training job) is
+:func:`reopen_run`-ed or continued by :func:`mlflow_run`, and keeps the reason as ``cityseg.interrupted``.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import torch
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunStatus, RunTag
-from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID
 
 from components.config import Config
 from components.data.layout import IMAGE_SUFFIX
@@ -37,9 +41,24 @@ from components.errors import MLFLOW_NOT_FOUND_CODES
 
 logger = logging.getLogger(__name__)
 
+FLOW_RUN_TAG = "prefect_flow_run_id"
+"""Tag of a pipeline (parent) run: the id of the flow run it belongs to (a retry finds its run by it)."""
+CLOSED_REASON_TAG = "cityseg.closed_reason"
+"""Why a run left ``RUNNING`` by a killed process was closed (``KILLED``)."""
+INTERRUPTED_TAG = "cityseg.interrupted"
+"""On a run that was interrupted and then continued: its closing reason, or what continued it."""
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+"""MLflow 3's UI opens an experiment of kind ``custom_model_development`` on its runs, not on the GenAI
+overview (the UI's own guess when the tag is missing)."""
+EXPERIMENT_KIND = "custom_model_development"
+
 
 def configure(cfg: Config) -> str:
     """Point MLflow at the configured store and experiment; returns the tracking URI."""
+    # Without a git executable (the image has none) GitPython's import raises a 14-line "Bad git
+    # executable" error that MLflow logs at every run start; "quiet" lets the import succeed (MLflow then
+    # finds no repository, silently). The commit comes from $GIT_COMMIT instead (environment_tags).
+    os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
     uri = cfg.resolved_tracking_uri()
     user_setting = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
@@ -49,8 +68,13 @@ def configure(cfg: Config) -> str:
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     else:
         os.environ["MLFLOW_TRACKING_URI"] = user_setting
-    if mlflow.get_experiment_by_name(cfg.tracking.experiment) is None:
+    experiment = mlflow.get_experiment_by_name(cfg.tracking.experiment)
+    if experiment is None:
         _create_experiment(cfg.tracking.experiment, _artifact_location(cfg, uri))
+    elif EXPERIMENT_KIND_TAG not in experiment.tags:  # created before the tag was set
+        mlflow.MlflowClient().set_experiment_tag(
+            experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND
+        )
     mlflow.set_experiment(cfg.tracking.experiment)
     return uri
 
@@ -68,7 +92,9 @@ def _artifact_location(cfg: Config, tracking_uri: str) -> str | None:
 
 def _create_experiment(name: str, artifact_location: str | None) -> None:
     try:
-        mlflow.create_experiment(name, artifact_location=artifact_location)
+        mlflow.create_experiment(
+            name, artifact_location=artifact_location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+        )
     except mlflow.exceptions.MlflowException:
         if mlflow.get_experiment_by_name(name) is None:  # not a lost race with another process
             raise
@@ -86,6 +112,8 @@ def mlflow_run(
     ``config.yaml`` were logged when it started and MLflow params cannot change, so only tags are set.
     """
     configure(cfg)
+    if run_id is not None:
+        _mark_continued(mlflow.MlflowClient(), run_id)
     all_tags = {**environment_tags(), "recipe": cfg.recipe, "backbone": cfg.model.backbone, **(tags or {})}
     with mlflow.start_run(
         run_id=run_id,
@@ -130,8 +158,21 @@ def _run_exists(run_id: str) -> bool:
 
 
 def log_epoch(metrics: Mapping[str, Any], epoch: int) -> None:
-    """An epoch's scalar metrics at step ``epoch`` (1-based); per-class dicts are left to the summary."""
-    mlflow.log_metrics({k: float(v) for k, v in metrics.items() if not isinstance(v, Mapping)}, step=epoch)
+    """An epoch's scalar metrics at step ``epoch`` (1-based); per-class dicts are left to the summary.
+
+    An epoch the run already holds is not logged again: a process killed after logging an epoch but
+    before its checkpoint landed redoes that epoch on resume (with the same result: training is
+    deterministic), and a metric's history must hold each epoch once.
+    """
+    scalars = {k: float(v) for k, v in metrics.items() if not isinstance(v, Mapping)}
+    if not scalars:
+        return
+    run_id = mlflow.active_run().info.run_id
+    history = mlflow.MlflowClient().get_metric_history(run_id, next(iter(scalars)))
+    if any(metric.step == epoch for metric in history):
+        logger.info("epoch %d's metrics are already in MLflow run %s: not logged again", epoch, run_id)
+        return
+    mlflow.log_metrics(scalars, step=epoch)
 
 
 def log_training_summary(summary: Mapping[str, Any]) -> None:
@@ -140,8 +181,10 @@ def log_training_summary(summary: Mapping[str, Any]) -> None:
 
 
 def environment_tags() -> dict[str, str]:
+    commit = git_commit()
     tags = {
-        "git_commit": git_commit(),
+        "git_commit": commit,
+        MLFLOW_GIT_COMMIT: commit,  # the UI's "Git commit"; MLflow's own lookup needs git and a checkout
         "torch_version": torch.__version__,
         "cuda_version": str(torch.version.cuda),
         "python_version": platform.python_version(),
@@ -207,6 +250,79 @@ def end_pipeline_run(
         now = int(time.time() * 1000)
         client.log_batch(run_id, metrics=[Metric(key, value, now, 0) for key, value in metrics.items()])
     client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED if failed else RunStatus.FINISHED))
+
+
+def find_pipeline_run(cfg: Config, flow_run_id: str) -> str | None:
+    """The pipeline run an earlier attempt of flow run ``flow_run_id`` created (the newest if several)."""
+    configure(cfg)
+    experiment_id = mlflow.get_experiment_by_name(cfg.tracking.experiment).experiment_id
+    runs = mlflow.MlflowClient().search_runs(
+        [experiment_id],
+        f"tags.{FLOW_RUN_TAG} = '{flow_run_id}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def running_pipeline_runs(cfg: Config) -> dict[str, str]:
+    """Pipeline runs of the experiment that are ``RUNNING``: run id -> their flow run's id."""
+    configure(cfg)
+    experiment_id = mlflow.get_experiment_by_name(cfg.tracking.experiment).experiment_id
+    runs = mlflow.MlflowClient().search_runs(
+        [experiment_id], f"attributes.status = 'RUNNING' and tags.{FLOW_RUN_TAG} != ''", max_results=1000
+    )
+    return {run.info.run_id: run.data.tags[FLOW_RUN_TAG] for run in runs}
+
+
+def reopen_run(cfg: Config, run_id: str, reason: str) -> None:
+    """Continue a pipeline run (a retry of its flow run, ``reason`` says so): ``RUNNING`` again, tagged
+    ``cityseg.interrupted`` (its closing reason if it was closed, else ``reason``). Its stage runs that the
+    interrupted attempt left ``RUNNING`` are closed; a stage that resumes (training) reopens its own."""
+    configure(cfg)
+    client = mlflow.MlflowClient()
+    _close_stage_runs(client, run_id, f"left RUNNING by an interrupted attempt; {reason}")
+    _mark_continued(client, run_id, reason)
+    client.update_run(run_id, RunStatus.to_string(RunStatus.RUNNING))
+
+
+def close_run(cfg: Config, run_id: str, reason: str) -> None:
+    """End a run that a killed process left ``RUNNING`` (``KILLED``, tag ``cityseg.closed_reason``), with
+    its stage runs."""
+    configure(cfg)
+    client = mlflow.MlflowClient()
+    _close_stage_runs(client, run_id, reason)
+    _close(client, run_id, reason)
+
+
+def _close_stage_runs(client: mlflow.MlflowClient, parent_run_id: str, reason: str) -> None:
+    """Close the ``RUNNING`` children of a pipeline run, except those of other flow runs (a sweep's
+    points): their own flow runs decide about them."""
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    children = client.search_runs(
+        [experiment_id],
+        f"attributes.status = 'RUNNING' and tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}'",
+        max_results=1000,
+    )
+    for child in children:
+        if FLOW_RUN_TAG not in child.data.tags:
+            _close(client, child.info.run_id, reason)
+
+
+def _close(client: mlflow.MlflowClient, run_id: str, reason: str) -> None:
+    logger.warning("closing MLflow run %s (KILLED): %s", run_id, reason)
+    client.set_tag(run_id, CLOSED_REASON_TAG, reason)
+    client.set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED))
+
+
+def _mark_continued(client: mlflow.MlflowClient, run_id: str, reason: str | None = None) -> None:
+    """A continued run records why it was interrupted: its closing reason, else ``reason``."""
+    tags = client.get_run(run_id).data.tags
+    interrupted = tags.get(CLOSED_REASON_TAG, reason)
+    if interrupted is not None:
+        client.set_tag(run_id, INTERRUPTED_TAG, interrupted)
+    if CLOSED_REASON_TAG in tags:
+        client.delete_tag(run_id, CLOSED_REASON_TAG)
 
 
 def log_table_run(

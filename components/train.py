@@ -16,10 +16,13 @@ Checkpoints (``TrainState.to_checkpoint``, written by rank 0 to ``train.output_d
 hold the model, optimizer, LR schedule and progress; a rerun with the same output_dir resumes from the
 newest complete one and continues the same MLflow run. Sample order and augmentation are seeded per
 (seed, epoch, sample), dropout per (seed, epoch, rank, step), so a resumed run ends with exactly the
-weights of an uninterrupted one. SIGTERM (preemption) stops at the next step boundary on all ranks and
-exits with code 143; the epoch in progress is redone on resume.
+weights of an uninterrupted one (on CPU; see README > Preemption for GPUs). SIGTERM (preemption) stops
+all ranks at the same step boundary (one process: the next; several: the next ``train.log_every`` log
+point) and exits with code 143; the epoch in progress is redone on resume.
 
 At the end rank 0 writes ``<output_dir>/train_result.json`` (``read_result`` reads it back, local or s3).
+Progress for the orchestrator: rank 0 logs an ``EpochProgress`` line at the start and after every epoch,
+which the launcher turns into its caller's ``on_epoch`` calls (this module never imports Prefect).
 """
 
 from __future__ import annotations
@@ -31,13 +34,12 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from components import checkpoint, distributed, storage, tracking
 from components.cli import run_cli
@@ -47,13 +49,9 @@ from components.data.sampling import train_loader
 from components.data.transforms import check_crop_fits, eval_transform, train_transform
 from components.errors import CitysegError, ConfigError, StorageError
 from components.evaluate import eval_loader, mlflow_metrics
-from components.optim import build_optimizer, build_scheduler
 from components.trainer import (
     BatchPlan,
-    Stepper,
-    TrainState,
-    autocast_dtype,
-    build_trainable_model,
+    build_stepper,
     configure_determinism,
     plan_batches,
     train_one_epoch,
@@ -63,6 +61,8 @@ from components.trainer import (
 logger = logging.getLogger(__name__)
 
 RESULT_FILE = "train_result.json"
+PROGRESS_PREFIX = "cityseg-progress "
+"""Rank 0's machine-readable progress lines: this prefix, then an ``EpochProgress`` as JSON."""
 INTERRUPTED_EXIT_CODE = 143  # 128 + SIGTERM, what a preempted job conventionally reports
 
 
@@ -92,6 +92,38 @@ class TrainResult:
     best_miou: float
     mlflow_run_id: str | None
     epochs_completed: int
+
+
+@dataclass(frozen=True)
+class EpochProgress:
+    """Where training stands: ``epoch`` of ``epochs`` epochs done. Rank 0 logs one at the start (0, or the
+    epoch a resume continues after: no metrics) and one after every epoch, as a line of its output that
+    ``components.launch`` (and ``components.k8sjob`` for pod 0) hand to their caller's ``on_epoch``."""
+
+    epoch: int
+    epochs: int
+    train_loss: float | None = None
+    lr: float | None = None
+    """At the epoch's end."""
+    images_per_second: float | None = None
+    val_miou: float | None = None
+    """Only after an epoch that validated (``train.val_every``)."""
+    eta_s: float | None = None
+    """Time left at this process's mean epoch time (validation and checkpoints included)."""
+
+    def to_line(self) -> str:
+        return PROGRESS_PREFIX + json.dumps(asdict(self))
+
+    @classmethod
+    def from_line(cls, line: str) -> EpochProgress | None:
+        """The record in a line of rank 0's output (after its log prefix), or None if it holds none."""
+        _, prefix, payload = line.partition(PROGRESS_PREFIX)
+        if not prefix:
+            return None
+        try:
+            return cls(**json.loads(payload))
+        except (TypeError, ValueError):  # a line that only looks like one (cut off, another version's)
+            return None
 
 
 def read_result(output_dir: str, where: str = "training") -> TrainResult:
@@ -149,28 +181,18 @@ def _train(cfg: Config, ctx: distributed.DistContext, stop: threading.Event) -> 
         )
     val_loader = eval_loader(val_set, batch_size=cfg.evaluate.batch_size, num_workers=cfg.data.num_workers)
 
-    raw = build_trainable_model(cfg, device, ctx.world_size)
-    optimizer = build_optimizer(raw, cfg.optimizer)
-    state = TrainState(
-        raw, optimizer, build_scheduler(optimizer, cfg.optimizer, cfg.train.epochs * len(loader))
-    )
+    stepper = build_stepper(cfg, ctx, plan, len(loader), stop)
+    state, raw, ddp = stepper.state, stepper.state.model, stepper.ddp
     saved = _load_resume_state(cfg, ctx)
     if saved is not None:
         state.from_checkpoint(saved)
         logger.info("resuming after epoch %d from %s", state.epoch, cfg.train.output_dir)
         del saved
 
-    model: nn.Module = raw
-    ddp = None
-    if ctx.world_size > 1:
-        model = ddp = DistributedDataParallel(raw, device_ids=[device] if device.type == "cuda" else None)
-    if cfg.train.compile:
-        model = torch.compile(model)
-    stepper = Stepper(cfg, ctx, plan, state, model, ddp, autocast_dtype(cfg, device), stop)
-
     with _tracking_run(cfg, ctx, plan, state.run_id) as run:
         state.run_id = run.info.run_id if run is not None else None
         last_checkpoint = storage.join(cfg.train.output_dir, checkpoint.epoch_name(state.epoch))
+        progress = _ProgressLog(cfg.train.epochs, state.epoch) if ctx.is_main else None
         with checkpoint.BackgroundSaver() as saver:  # the last write lands before the result
             for epoch in range(state.epoch, cfg.train.epochs):
                 loader.sampler.set_epoch(epoch)
@@ -183,9 +205,10 @@ def _train(cfg: Config, ctx: distributed.DistContext, stop: threading.Event) -> 
                 state.epoch, state.metrics = epoch + 1, metrics
                 if ddp is not None:
                     state.metrics.update(distributed.communication_metrics(ddp))
-                is_best = False
+                is_best, val_miou = False, None
                 if state.epoch % cfg.train.val_every == 0 or state.epoch == cfg.train.epochs:
                     val = validate(cfg, raw, val_loader, device)
+                    val_miou = val["miou"]
                     state.metrics.update(mlflow_metrics(val), per_class_iou=val["per_class_iou"])
                     is_best = val["miou"] > state.best_miou
                     if is_best:
@@ -199,11 +222,13 @@ def _train(cfg: Config, ctx: distributed.DistContext, stop: threading.Event) -> 
                         state.best_epoch,
                     )
                 if ctx.is_main:
-                    # Metrics first: a crash in between makes a resume log this epoch twice, never zero times.
+                    # Metrics first: a crash in between redoes this epoch on resume (log_epoch skips it).
                     tracking.log_epoch(state.metrics, state.epoch)
                     last_checkpoint = saver.save(
                         state.to_checkpoint(cfg), cfg.train.output_dir, is_best=is_best
                     )
+                if progress is not None:
+                    progress.epoch_done(state.epoch, state.metrics, val_miou)
                 distributed.barrier()
         result = TrainResult(
             best_checkpoint=storage.join(cfg.train.output_dir, checkpoint.BEST),
@@ -216,6 +241,27 @@ def _train(cfg: Config, ctx: distributed.DistContext, stop: threading.Event) -> 
             _write_result(cfg, result)
             tracking.log_training_summary({**asdict(result), "best_epoch": state.best_epoch, **state.metrics})
     return result
+
+
+class _ProgressLog:
+    """Rank 0's ``EpochProgress`` lines: one now (``done`` epochs of ``epochs``), one per finished epoch."""
+
+    def __init__(self, epochs: int, done: int) -> None:
+        self.epochs, self.first_epoch, self.started = epochs, done, time.perf_counter()
+        logger.info("%s", EpochProgress(done, epochs).to_line())
+
+    def epoch_done(self, epoch: int, metrics: dict[str, Any], val_miou: float | None) -> None:
+        seconds_per_epoch = (time.perf_counter() - self.started) / (epoch - self.first_epoch)
+        progress = EpochProgress(
+            epoch,
+            self.epochs,
+            train_loss=metrics["train_loss"],
+            lr=metrics["lr"],
+            images_per_second=metrics["images_per_second"],
+            val_miou=val_miou,
+            eta_s=(self.epochs - epoch) * seconds_per_epoch,
+        )
+        logger.info("%s", progress.to_line())
 
 
 def _without_unused_aux_head(cfg: Config) -> Config:

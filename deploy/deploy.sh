@@ -9,6 +9,10 @@
 # The docker and kubernetes pool types need `prefect-docker` / `prefect-kubernetes` installed where this
 # runs and in the worker. Start a worker per pool afterwards, e.g.
 #   prefect worker start --pool local --type process
+# Then it creates the alert automation of deploy/automations.yaml (deploy/alerts.py, run by $PYTHON,
+# default python3, which needs prefect): CITYSEG_ALERT_WEBHOOK_URL=<Slack or any webhook URL> saves the
+# notification block cityseg-alerts; without it an existing block of that name is used, or alerts stay
+# off (a message says so).
 # Run from anywhere: it works from the repository root (entrypoints are relative to it).
 set -euo pipefail
 
@@ -51,3 +55,5 @@ esac
 
 # The name selects this variant's finetune flow, its data-preparation stage, its sweep and batch inference.
 "$prefect_cli" --no-prompt deploy --prefect-file deploy/prefect.yaml --name "$deployment"
+# Alerts on failed or crashed finetune, sweep and predict runs (idempotent: updated in place by name).
+"${PYTHON:-python3}" deploy/alerts.py

@@ -10,7 +10,10 @@ others run in-process as subflows. Stages exchange URIs, never large objects.
 
 Each flow run is one MLflow parent run (named like the flow run); the stages' MLflow runs (baseline
 evaluation, training, fine-tuned evaluation) are its children: the flow hands them its id as the
-override ``tracking.parent_run_id=<id>``, and the dataset as ``data.root=<prepared root>``.
+override ``tracking.parent_run_id=<id>``, and the dataset as ``data.root=<prepared root>``. A retry of
+the flow run (``prefect flow-run retry <id>``) continues the same parent run: Prefect reuses the stages
+that completed (their results are persisted), training resumes from its last checkpoint in its MLflow
+run, and runs a killed attempt left ``RUNNING`` are closed (:func:`pipeline_run`).
 
 With ``register_model=False`` the flow stops after the export and returns the candidate (the register
 stage's parameters) instead of registering it: the ``sweep`` flow (flows/sweep.py) registers only its best.
@@ -26,10 +29,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
+from uuid import UUID
 
 from prefect import Flow, flow, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
+from prefect.exceptions import ObjectNotFound
 from prefect.runtime import flow_run
 from prefect.settings import (
     PREFECT_SERVER_ANALYTICS_ENABLED,
@@ -42,6 +48,7 @@ from components.cli import run_cli
 from components.config import Config, StageName, load_config
 from components.errors import ConfigError
 from components.storage import join
+from flows.logs import show_project_logs
 from flows.stages import evaluate_stage, export_stage, prepare_data, register_stage, train_stage
 
 logger = logging.getLogger(__name__)
@@ -110,10 +117,22 @@ def mlflow_ui_url(cfg: Config) -> str:
 @contextmanager
 def pipeline_run(cfg: Config, tags: dict[str, str] | None = None) -> Iterator[tuple[str, dict[str, float]]]:
     """This flow run's MLflow parent run, named like the flow run: yields its id and a dict of summary
-    metrics to fill, logged when the body ends (status FAILED if it raised)."""
-    run_id = tracking.start_pipeline_run(
-        cfg, flow_run.name or cfg.recipe, tags={"prefect_flow_run_id": str(flow_run.id), **(tags or {})}
-    )
+    metrics to fill, logged when the body ends (status FAILED if it raised).
+
+    A retry of the flow run continues the parent run of its earlier attempt (found by the tag
+    ``prefect_flow_run_id``); the runs that flow runs which Prefect reports ended left ``RUNNING`` (their
+    process was killed) are closed first.
+    """
+    close_abandoned_runs(cfg)
+    flow_run_id = str(flow_run.id)
+    run_id = tracking.find_pipeline_run(cfg, flow_run_id)
+    if run_id is None:
+        run_id = tracking.start_pipeline_run(
+            cfg, flow_run.name or cfg.recipe, tags={tracking.FLOW_RUN_TAG: flow_run_id, **(tags or {})}
+        )
+    else:
+        logger.info("flow run %s retried: continuing MLflow run %s", flow_run_id, run_id)
+        tracking.reopen_run(cfg, run_id, f"flow run {flow_run_id} retried (attempt {flow_run.run_count})")
     metrics: dict[str, float] = {}
     try:
         yield run_id, metrics
@@ -121,6 +140,25 @@ def pipeline_run(cfg: Config, tags: dict[str, str] | None = None) -> Iterator[tu
         tracking.end_pipeline_run(cfg, run_id, failed=True)
         raise
     tracking.end_pipeline_run(cfg, run_id, metrics)
+
+
+def close_abandoned_runs(cfg: Config) -> None:
+    """Close the pipeline runs (and their stage runs) left ``RUNNING`` by flow runs that Prefect reports
+    ended: a killed process never closed them. Runs of flow runs this Prefect server does not know are left
+    alone (another server's, maybe alive); a retry of an ended flow run reopens its run."""
+    running = tracking.running_pipeline_runs(cfg)
+    with get_client(sync_client=True) as client:
+        for run_id, other_id in running.items():
+            try:
+                other = client.read_flow_run(UUID(other_id))
+            except (ObjectNotFound, ValueError):
+                continue
+            if other.state is not None and other.state.is_final():
+                reason = (
+                    f"flow run {other_id} ({other.name}) ended {other.state.name} with this run RUNNING "
+                    f"(its process was killed); closed by flow run {flow_run.id}"
+                )
+                tracking.close_run(cfg, run_id, reason)
 
 
 def link_registered_version(cfg: Config, registered: dict[str, Any]) -> None:
@@ -192,6 +230,7 @@ def finetune(
     parameters (for flows/sweep.py). ``run_name`` names the flow run (default ``<recipe>-<backbone>``).
     The result is persisted so that a parent running this flow through ``run_deployment`` can read it.
     """
+    show_project_logs()
     overrides = list(overrides or [])
     cfg = load_config(recipe, overrides)  # invalid configs fail here, before any work
     with pipeline_run(cfg) as (pipeline_run_id, metrics):

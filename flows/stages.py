@@ -4,7 +4,9 @@ Every stage takes the typed config as ``recipe`` + ``overrides`` (validated befo
 the URIs it works on, and returns a small JSON-able dict (URIs and numbers, never large objects).
 Results are persisted so that a parent calling a stage through ``run_deployment`` can read them;
 across containers that needs result storage both sides see (``PREFECT_LOCAL_STORAGE_PATH`` on a shared
-volume, see infra/).
+volume, see infra/). The components' INFO logs (the torchrun output, evaluation and export summaries) go
+to each stage's flow-run logs (``flows.logs``); the train stage also keeps two artifacts up to date, the
+training's progress and its latest epoch's metrics (``TrainingProgress``).
 """
 
 from __future__ import annotations
@@ -12,10 +14,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 from prefect import flow, task
+from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.runtime import flow_run
 from prefect.states import Completed, State
 
@@ -28,7 +33,9 @@ from components.k8sjob import run_labels, run_training_job
 from components.launch import launch_training
 from components.registry import register_model
 from components.storage import atomic_path, is_s3, join
+from components.train import EpochProgress
 from flows.credentials import cityscapes_credentials, export_aws_credentials
+from flows.logs import show_project_logs
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +44,9 @@ PREPARED_MARKER = ".cityseg-prepared.json"
 
 
 def stage_config(recipe: str, overrides: list[str] | None) -> Config:
-    """Validate the config and make the AWS Secret blocks (if any) visible to boto3 and MLflow."""
+    """Validate the config and make the AWS Secret blocks (if any) visible to boto3 and MLflow (and the
+    components' logs to the flow run)."""
+    show_project_logs()
     cfg = load_config(recipe, overrides or [])
     export_aws_credentials()
     return cfg
@@ -128,7 +137,12 @@ def evaluate_stage(
     """Score a model URI (or a named baseline) on ``data.root``'s val split; returns metrics.json."""
     cfg = stage_config(recipe, overrides)
     run_name = f"baseline-{baseline}" if baseline else "finetuned"
-    return _with_retries(cfg, evaluate_task)(cfg, model_uri, out_dir, baseline, run_name)
+    metrics = _with_retries(cfg, evaluate_task)(cfg, model_uri, out_dir, baseline, run_name)
+    logger.info(
+        "evaluation %s: val mIoU %.4f on %d images (%s protocol); reports in %s",
+        run_name, metrics["miou"], metrics["num_images"], metrics["protocol"], out_dir,
+    )  # fmt: skip
+    return metrics
 
 
 # --- training (GPU pool) --------------------------------------------------------------------------
@@ -151,6 +165,50 @@ def multinode_overrides(cfg: Config, overrides: list[str]) -> list[str]:
     return [*overrides, f"train.output_dir={join(s3_run_dir, local.relative_to(run_dir).as_posix())}"]
 
 
+def eta_text(seconds: float | None) -> str | None:
+    return None if seconds is None else str(timedelta(seconds=round(seconds)))
+
+
+def epoch_row(progress: EpochProgress) -> dict[str, Any]:
+    """A finished epoch's record as a table row, rounded for reading; val mIoU in % (None: not validated)."""
+
+    def rounded(value: float | None, digits: int, scale: float = 1.0) -> float | None:
+        return None if value is None else round(scale * value, digits)
+
+    return {
+        "epoch": f"{progress.epoch}/{progress.epochs}",
+        "train loss": rounded(progress.train_loss, 4),
+        "lr": rounded(progress.lr, 6),
+        "images/s": rounded(progress.images_per_second, 1),
+        "val mIoU (%)": rounded(progress.val_miou, 2, scale=100),
+        "ETA": eta_text(progress.eta_s),
+    }
+
+
+class TrainingProgress:
+    """The train stage's ``on_epoch``: rank 0's progress records as this flow run's artifacts, a progress
+    bar (``training-progress``: created at the first record, so a resumed run starts where it resumes) and
+    the latest finished epoch's metrics (``training-epoch``: a new version per epoch, the UI shows the
+    latest)."""
+
+    def __init__(self) -> None:
+        self.artifact_id: UUID | None = None
+
+    def __call__(self, progress: EpochProgress) -> None:
+        description = f"{flow_run.name}: epoch {progress.epoch}/{progress.epochs}"
+        if progress.eta_s is not None:
+            description += f", ETA {eta_text(progress.eta_s)}"
+        percent = 100 * progress.epoch / progress.epochs
+        if self.artifact_id is None:
+            self.artifact_id = create_progress_artifact(
+                percent, key="training-progress", description=description
+            )
+        else:
+            update_progress_artifact(self.artifact_id, percent, description=description)
+        if progress.train_loss is not None:  # a finished epoch, not the start
+            create_table_artifact([epoch_row(progress)], key="training-epoch", description=description)
+
+
 @flow(name="train", persist_result=True)
 def train_stage(recipe: str, overrides: list[str] | None = None) -> dict[str, Any]:
     """Fine-tune with torchrun, one process per visible GPU (Prefect stays outside the workers); with
@@ -158,10 +216,11 @@ def train_stage(recipe: str, overrides: list[str] | None = None) -> dict[str, An
     follows (pod 0's log in its logs) and deletes when it ends or the flow run is cancelled.
 
     No automatic retries: a rerun with the same ``train.output_dir`` resumes from the last checkpoint.
+    Progress: the epoch lines in the logs, the artifacts of ``TrainingProgress``.
     """
     cfg = stage_config(recipe, overrides)
     if not cfg.orchestration.multinode.enabled:
-        return _as_dict(launch_training(cfg))
+        return _as_dict(launch_training(cfg, on_epoch=TrainingProgress()))
     overrides = multinode_overrides(cfg, list(overrides or []))
     cfg = load_config(recipe, overrides)
     result = run_training_job(
@@ -170,6 +229,7 @@ def train_stage(recipe: str, overrides: list[str] | None = None) -> dict[str, An
         overrides=overrides,
         run_name=flow_run.name or cfg.recipe,
         labels=run_labels(flow_run.id, flow_run.name, flow_run.root_flow_run_id),
+        on_epoch=TrainingProgress(),
     )
     return _as_dict(result)
 
@@ -179,7 +239,7 @@ def train_stage(recipe: str, overrides: list[str] | None = None) -> dict[str, An
 
 @task(name="export-onnx")
 def export_task(cfg: Config, checkpoint_uri: str, out_path: str) -> dict[str, Any]:
-    return _as_dict(export_onnx(checkpoint_uri, out_path, cfg.data.root, cfg))
+    return _as_dict(export_onnx(checkpoint_uri, out_path, cfg.data.root, cfg, device=cfg.export.device))
 
 
 @flow(name="export-onnx", persist_result=True)

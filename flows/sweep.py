@@ -51,6 +51,7 @@ from flows.finetune import (
     registration_text,
     run_stage,
 )
+from flows.logs import show_project_logs
 from flows.stages import register_stage
 
 POLL_SECONDS = 2.0
@@ -218,6 +219,7 @@ def sweep(
 ) -> dict[str, Any]:
     """Run ``deployment`` once per point (``grid``: key -> values, cartesian product; ``points``: explicit
     override lists), at most ``concurrency`` at once; register the point with the highest val mIoU."""
+    show_project_logs()
     if concurrency < 1:
         raise ConfigError(f"concurrency must be >= 1, got {concurrency}")
     own = sweep_points(grid, points)

@@ -6,8 +6,11 @@ job template; only the job variable ``container_create_kwargs`` differs: no GPU 
 checks what the README promises: flow-run containers of the project image started by the docker worker,
 as the non-root user, on the named volumes; a champion in MLflow above the baseline; its ONNX and PyTorch
 artifacts in the bucket (listed with the least-privilege key); host-side inference through the MLflow
-server; a second run that skips data preparation and registers exactly one new version while the MLflow
-container restarts; nothing lost across `docker compose down` / `up`; no sentinel secret anywhere.
+server; a second run whose flow-run container is SIGKILLed mid-training: Crashed in Prefect, one alert
+(deploy/automations.yaml) at a webhook receiver on the stack's network, then `prefect flow-run retry`
+resumes training, skips data preparation and registers exactly one new version while the MLflow container
+restarts, and MLflow holds one finished pipeline run for the flow run, nothing left RUNNING; nothing lost
+across `docker compose down` / `up`; no sentinel secret anywhere (webhook payloads included).
 
 Exits non-zero on the first failed check; prints every command it runs and each phase's duration.
 Run from the repository root with the project's venv: ``.venv/bin/python infra/stack_test.py``.
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import subprocess
 import sys
@@ -37,15 +41,36 @@ BUCKET = "cityseg"
 PREFECT_API = "http://127.0.0.1:4200/api"
 MLFLOW_URI = "http://127.0.0.1:5000"
 S3_ENDPOINT = "http://127.0.0.1:8333"
-# Fewer epochs than the recipe's 40: enough to beat the untrained baseline, and CI time matters.
-OVERRIDES = ["orchestration.stage_deployments.prepare=prepare-data/cityscapes", "train.epochs=12"]
 # Production's job variables minus the GPU device request (the CPU run's only difference).
 CPU_JOB_VARIABLES = 'container_create_kwargs={"shm_size": "1g"}'
-RUN_CMD = [
-    "prefect", "deployment", "run", "finetune/cityscapes", "--param", "recipe=demo",
-    "--param", f"overrides={json.dumps(OVERRIDES)}", "--job-variable", CPU_JOB_VARIABLES,
-    "--watch", "--watch-interval", "5", "--watch-timeout", "1500",
-]  # fmt: skip
+# Fewer epochs than the recipe's 36: enough to beat the untrained baseline, and CI time matters.
+RUN1_EPOCHS = 12
+# The killed-and-retried run: killed once KILL_AFTER_EPOCH is in MLflow (so that epoch's checkpoint,
+# written before the next epoch's metrics, has landed), then resumed.
+RUN2_EPOCHS, KILL_AFTER_EPOCH = 6, 2
+FLOW_RUN_TAG = "prefect_flow_run_id"  # components.tracking.FLOW_RUN_TAG: a pipeline run's flow run
+ALERT_AUTOMATION = "cityseg-flow-run-failed"  # deploy/automations.yaml
+# The webhook receiver: a container on the stack's network (the Prefect server sends the notification),
+# from the Prefect image (python, and no project image: ContainerWatcher follows those).
+RECEIVER = "cityseg-alert-receiver"
+RECEIVER_IMAGE = os.environ.get("PREFECT_SERVER_IMAGE", "cityseg-prefect:3.9.1")
+RECEIVER_CODE = """
+import http.server, json
+received = []
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):  # a notification: keep its body (the path holds the token: not logged)
+        received.append(self.rfile.read(int(self.headers["Content-Length"])).decode())
+        self.send_response(200)
+        self.end_headers()
+    def do_GET(self):  # the test reads what arrived
+        body = json.dumps(received).encode()
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer(("", 8080), Handler).serve_forever()
+"""
 TOOLS = ROOT / ".cache" / "stack-tools"  # prefect-docker for `prefect deploy` (not in the lock)
 ARTIFACT_KEYS = {
     "iou-baseline-vs-finetuned",
@@ -88,13 +113,19 @@ def host_env() -> dict[str, str]:
 
 
 def sh(
-    *args: str, timeout: float = 1800, check_rc: bool = True, quiet: bool = False, stdin: str | None = None
+    *args: str,
+    timeout: float = 1800,
+    check_rc: bool = True,
+    quiet: bool = False,
+    stdin: str | None = None,
+    secret_env: dict[str, str] | None = None,
 ) -> str:
+    """Run a command, print it and (unless ``quiet``) its output; ``secret_env`` is not printed."""
     print("$ " + " ".join(args), flush=True)
     result = subprocess.run(
         args,
         cwd=ROOT,
-        env=host_env(),
+        env={**host_env(), **(secret_env or {})},
         input=stdin,
         stdin=None if stdin is not None else subprocess.DEVNULL,
         capture_output=True,
@@ -108,6 +139,47 @@ def sh(
     if check_rc and result.returncode:
         raise CheckFailed(f"{args[0]} {' '.join(args[1:3])} exited {result.returncode}")
     return out
+
+
+def run_command(epochs: int, watch: bool = True) -> list[str]:
+    """`prefect deployment run` of the production deployment on the demo recipe, CPU job variables."""
+    overrides = ["orchestration.stage_deployments.prepare=prepare-data/cityscapes", f"train.epochs={epochs}"]
+    command = [
+        "prefect", "deployment", "run", "finetune/cityscapes", "--param", "recipe=demo",
+        "--param", f"overrides={json.dumps(overrides)}", "--job-variable", CPU_JOB_VARIABLES,
+    ]  # fmt: skip
+    return [*command, "--watch", "--watch-timeout", "1500"] if watch else command
+
+
+def wait_for(what: str, probe: Callable[[], Any], timeout: float, interval: float = 2) -> Any:
+    """Poll ``probe`` until it returns something truthy (returned); its exceptions count as not yet."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if value := probe():
+                return value
+        except Exception:  # a server restarting or busy: try again
+            pass
+        time.sleep(interval)
+    raise CheckFailed(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def alerts(receiver: str) -> list[str]:
+    """The text of each notification the receiver got (the block POSTs {"text": ...})."""
+    import requests
+
+    return [json.loads(body)["text"] for body in requests.get(receiver, timeout=10).json()]
+
+
+def start_receiver() -> str:
+    """The webhook receiver container on the stack's network; returns where the host reads what it got."""
+    sh("docker", "rm", "--force", RECEIVER, quiet=True)
+    sh(
+        "docker", "run", "--detach", "--name", RECEIVER, "--network", "cityseg",
+        "--publish", "127.0.0.1::8080", RECEIVER_IMAGE, "python", "-c", RECEIVER_CODE, quiet=True,
+    )  # fmt: skip
+    address = sh("docker", "port", RECEIVER, "8080/tcp", quiet=True).split()[0]
+    return f"http://{address}/"
 
 
 def write_env(sentinel: str) -> dict[str, str]:
@@ -188,6 +260,79 @@ def flow_names() -> dict[Any, str]:
     return {f.id: f.name for f in prefect_call(lambda c: c.read_flows())}
 
 
+def prefect_logs() -> list[str]:
+    """Every log line in the Prefect server (all flow runs), read a page at a time."""
+    from prefect.client.schemas.sorting import LogSort
+
+    def page(offset: int) -> list[str]:
+        logs = prefect_call(lambda c: c.read_logs(offset=offset, sort=LogSort.TIMESTAMP_ASC))
+        return [log.message for log in logs]
+
+    lines: list[str] = []
+    while more := page(len(lines)):
+        lines += more
+    return lines
+
+
+def pipeline_runs(client: Any, flow_run_id: str) -> list[Any]:
+    """The MLflow pipeline (parent) runs of a flow run, in every experiment."""
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(experiments, f"tags.{FLOW_RUN_TAG} = '{flow_run_id}'")
+
+
+def stage_runs(client: Any, parent: Any) -> dict[str, Any]:
+    """A pipeline run's stage runs by kind: baseline, train, finetuned (run names baseline-*, train-*)."""
+    children = client.search_runs(
+        [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    )
+    kinds: dict[str, Any] = {}
+    for child in children:
+        kind = child.info.run_name.split("-")[0]
+        if kind in kinds:
+            raise CheckFailed(f"two {kind} runs under pipeline run {parent.info.run_id}")
+        kinds[kind] = child
+    return kinds
+
+
+def last_epoch(client: Any, flow_run_id: str) -> int:
+    """The newest epoch the flow run's training has logged to MLflow (0: none yet)."""
+    parents = pipeline_runs(client, flow_run_id)
+    train = stage_runs(client, parents[0]).get("train") if parents else None
+    if train is None:
+        return 0
+    steps = [m.step for key in train.data.metrics for m in client.get_metric_history(train.info.run_id, key)]
+    return max(steps, default=0)
+
+
+def check_lineage(client: Any, flow_run_id: str, epochs: int) -> None:
+    """One finished pipeline run for the (crashed, then retried) flow run, holding its three stages; the
+    training resumed (each epoch logged once); nothing left RUNNING; the version comes from that training."""
+    parents = pipeline_runs(client, flow_run_id)
+    check(
+        len(parents) == 1 and parents[0].info.status == "FINISHED",
+        f"one MLflow pipeline run for flow run {flow_run_id}, FINISHED ({[p.info.status for p in parents]})",
+    )
+    stages = stage_runs(client, parents[0])
+    check(
+        set(stages) >= {"baseline", "train", "finetuned"}
+        and all(r.info.status == "FINISHED" for r in stages.values()),
+        f"it holds baseline, training and fine-tuned evaluation, FINISHED ({sorted(stages)})",
+    )
+    train = stages["train"]
+    histories = {
+        key: [m.step for m in client.get_metric_history(train.info.run_id, key)] for key in train.data.metrics
+    }
+    twice = {key: steps for key, steps in histories.items() if len(steps) != len(set(steps))}
+    check(not twice, f"no epoch logged twice in training run {train.info.run_id} ({twice})")
+    logged = max(map(len, histories.values()), default=0)
+    check(logged == epochs, f"every epoch logged once: {logged} of {epochs}")
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    running = client.search_runs(experiments, "attributes.status = 'RUNNING'")
+    check(not running, f"no MLflow run left RUNNING ({[r.info.run_name for r in running]})")
+    versions = client.search_model_versions(f"tags.training_run_id = '{train.info.run_id}'")
+    check(len(versions) == 1, f"one registered version from that training ({[v.version for v in versions]})")
+
+
 def restart_mlflow_during_registration(done: threading.Event, restarted: list[str]) -> None:
     """Restart the MLflow container as soon as a register-model flow run is Running."""
     while not done.wait(2):
@@ -210,9 +355,13 @@ def main() -> int:
     os.chdir(ROOT)
     sentinel = "stack-sentinel-" + secrets.token_hex(12)
     cityscapes_sentinel = "cityscapes-sentinel-" + secrets.token_hex(8)
+    # Webhook URLs carry tokens (Slack's do): one more secret that no notification or log may hold.
+    webhook_sentinel = "webhook-sentinel-" + secrets.token_hex(8)
     total = time.monotonic()
 
     with phase("stack up (fresh volumes)"):
+        # (a receiver left by an aborted test would keep `down` from removing the network)
+        sh("docker", "rm", "--force", RECEIVER, quiet=True)
         sh(
             *COMPOSE[:4],
             "--env-file",
@@ -259,8 +408,15 @@ def main() -> int:
         status = requests.get(f"{S3_ENDPOINT}/{BUCKET}", timeout=10).status_code
         check(status == 403, f"an unsigned request for the bucket is refused ({status})")
 
-    with phase("deploy the docker variant"):
-        sh("deploy/deploy.sh", "docker", timeout=600)
+    with phase("deploy the docker variant, alerts to a webhook receiver"):
+        receiver = start_receiver()
+        webhook = {"CITYSEG_ALERT_WEBHOOK_URL": f"http://{RECEIVER}:8080/hooks/{webhook_sentinel}"}
+        deployed = sh("deploy/deploy.sh", "docker", timeout=600, secret_env=webhook)
+        check(f"created automation {ALERT_AUTOMATION}" in deployed, f"deploy.sh created {ALERT_AUTOMATION}")
+        # Re-deploying updates the automation in place.
+        sh(sys.executable, "deploy/alerts.py", secret_env=webhook)
+        automations = prefect_call(lambda c: c.read_automations_by_name(ALERT_AUTOMATION))
+        check(len(automations) == 1, f"one automation {ALERT_AUTOMATION} after deploying twice")
         # Secrets live in Secret blocks, never in parameters; the sentinel must not leak from them.
         # (read from stdin, so that the command line printed here does not carry it)
         sh(
@@ -274,7 +430,7 @@ def main() -> int:
 
     with ContainerWatcher() as watcher:
         with phase("run 1: prefect deployment run finetune/cityscapes --watch (demo recipe, CPU)"):
-            sh(*RUN_CMD, timeout=1800)
+            sh(*run_command(RUN1_EPOCHS), timeout=1800)
         client = MlflowClient(MLFLOW_URI)
         with phase("run 1: checks"):
             runs = flow_runs()
@@ -327,12 +483,40 @@ def main() -> int:
             masks = sorted((outputs / "trainIds").glob("*.png"))
             check(len(masks) == 3, f"one mask per input ({len(masks)} for 3)")
 
-        with phase("run 2: same deployment; MLflow restarted while registering"):
+        with phase(f"run 2: same deployment; its container SIGKILLed after epoch {KILL_AFTER_EPOCH}"):
+            started = sh(*run_command(RUN2_EPOCHS, watch=False))
+            flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", started).group(1)
+
+            def trained() -> int | None:
+                epoch = last_epoch(client, flow_run_id)
+                return epoch if epoch >= KILL_AFTER_EPOCH else None
+
+            def ended() -> Any:
+                run = prefect_call(lambda c: c.read_flow_run(flow_run_id))
+                return run if run.state.is_final() else None
+
+            epoch = wait_for(f"epoch {KILL_AFTER_EPOCH} of flow run {flow_run_id} in MLflow", trained, 1200)
+            label = f"label=io.prefect.flow-run-id={flow_run_id}"
+            container = sh("docker", "ps", "--quiet", "--filter", label, quiet=True).split()
+            check(len(container) == 1, f"epoch {epoch} logged: one flow-run container to kill ({container})")
+            sh("docker", "kill", "--signal", "KILL", container[0])
+            killed = time.monotonic()
+            crashed = wait_for("Prefect to mark the flow run Crashed", ended, 300)
+            check(
+                crashed.state_name == "Crashed", f"Crashed {time.monotonic() - killed:.0f} s after the kill"
+            )
+            notes = wait_for("the alert at the webhook receiver", lambda: alerts(receiver), 120)
+            print(f"  alert {time.monotonic() - killed:.0f} s after the kill:\n{notes[0]}", flush=True)
+
+        with phase("run 2: prefect flow-run retry; MLflow restarted while registering"):
+            sh("prefect", "flow-run", "retry", flow_run_id)
             done, restarted = threading.Event(), []
             restarter = threading.Thread(target=restart_mlflow_during_registration, args=(done, restarted))
             restarter.start()
             try:
-                sh(*RUN_CMD, timeout=1800)
+                # (not `prefect flow-run watch`: right after a retry it replays the killed attempt's
+                # Crashed event and stops)
+                retried = wait_for("the retried flow run to end", ended, 1500, interval=5)
             finally:
                 done.set()
                 restarter.join()
@@ -340,11 +524,33 @@ def main() -> int:
             check(bool(restarted), "MLflow was restarted during registration")
             runs, names = flow_runs(), flow_names()
             parents = [r for r in runs if names[r.flow_id] == "finetune"]
-            check(len(parents) == 2 and parents[-1].state_name == "Completed", "second flow run Completed")
+            check(
+                len(parents) == 2 and retried.state_name == "Completed" and retried.run_count == 2,
+                f"the second flow run {retried.state_name} on its retry (run count {retried.run_count})",
+            )
+            # The killed attempt's in-process stage (subflow) runs are continued by the retry, not stale.
+            stale = [
+                f"{names[r.flow_id]} {r.name} {r.state_name}" for r in runs if r.state_name != "Completed"
+            ]
+            check(not stale, f"every flow run Completed, none left Running ({stale})")
+            notes = alerts(receiver)
+            check(len(notes) == 1, f"exactly one alert ({len(notes)}): the crash, not the retry")
+            url = f"http://127.0.0.1:4200/runs/flow-run/{flow_run_id}"
+            check(
+                all(part in notes[0] for part in (parents[-1].name, "is Crashed", url)),
+                f"the alert names the flow run {parents[-1].name}, its state Crashed and its URL {url}",
+            )
             prepares = [r for r in runs if names[r.flow_id] == "prepare-data"]
             tasks = prefect_call(lambda c: c.read_task_runs())
             second = [t.state_name for t in tasks if t.flow_run_id == prepares[-1].id and "prepare" in t.name]
             check(second == ["Skipped"], f"the second run's data preparation was skipped ({second})")
+            check_lineage(client, flow_run_id, RUN2_EPOCHS)
+            # (the training stage logs into its own subflow run: search every flow run's logs)
+            resumed = [m for line in prefect_logs() if (m := re.search(r"resuming after epoch (\d+)", line))]
+            check(
+                len(resumed) == 1 and int(resumed[0].group(1)) >= 1,
+                f"training resumed after epoch {resumed[0].group(1) if resumed else '?'} (Prefect logs)",
+            )
             versions = client.search_model_versions(f"name = '{MODEL}'")
             training_runs = [v.tags.get("training_run_id") for v in versions]
             check(len(versions) == 2 and len(set(training_runs)) == 2, "exactly one version per training run")
@@ -355,7 +561,8 @@ def main() -> int:
     with phase("flow-run containers"):
         containers = list(watcher.seen.values())
         check(
-            len(containers) >= 4, f"{len(containers)} flow-run containers of {IMAGE} (finetune, prepare x 2)"
+            len(containers) >= 6,
+            f"{len(containers)} flow-run containers of {IMAGE} (finetune x 3 with the retry, prepare x 3)",
         )
         for c in containers:
             mounts = {m.get("Name") for m in c["Mounts"]}
@@ -372,6 +579,7 @@ def main() -> int:
             check(not gpus, f"{c['Name']}: no GPU device request (the CPU job variables)")
 
     with phase("docker compose down, then up: nothing lost"):
+        sh("docker", "rm", "--force", RECEIVER, quiet=True)  # not part of the stack
         sh(*COMPOSE, "down", timeout=600)
         sh(*COMPOSE, "up", "-d", "--wait", timeout=900)
         versions = MlflowClient(MLFLOW_URI).search_model_versions(f"name = '{MODEL}'")
@@ -385,6 +593,10 @@ def main() -> int:
 
     with phase("no secret anywhere"):
         haystacks = {"docker compose logs": sh(*COMPOSE, "logs", "--no-color", quiet=True)}
+        haystacks.update({f"alert {i}": note for i, note in enumerate(notes)})
+        haystacks["Prefect logs"] = "\n".join(prefect_logs())
+        blocks = prefect_call(lambda c: c.read_block_documents(include_secrets=False))
+        haystacks["Prefect blocks (API)"] = json.dumps([b.model_dump(mode="json") for b in blocks])
         for cid, c in watcher.seen.items():
             haystacks[f"docker inspect {c['Name']}"] = json.dumps(c)
             haystacks[f"docker logs {c['Name']}"] = watcher.logs[cid].read_text(errors="replace")
@@ -399,7 +611,7 @@ def main() -> int:
         for run in flow_runs():
             haystacks[f"Prefect flow run {run.name} parameters"] = json.dumps(run.parameters, default=str)
         for where, text in haystacks.items():
-            for secret in (sentinel, cityscapes_sentinel):
+            for secret in (sentinel, cityscapes_sentinel, webhook_sentinel):
                 if secret in text:
                     raise CheckFailed(f"a sentinel secret leaked into {where}")
         check(len(haystacks) > 10, f"no sentinel secret in {len(haystacks)} places (logs, inspect, params)")

@@ -160,5 +160,20 @@ def runs_of(api_url: str) -> tuple[list[Any], dict[Any, Any]]:
     return client_calls(api_url, read)
 
 
+def flow_run_logs(api_url: str, flow_run_ids: list[Any]) -> list[str]:
+    """The messages of these flow runs' Prefect logs, oldest first (as the UI shows them)."""
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    log_filter = LogFilter(flow_run_id=LogFilterFlowRunId(any_=flow_run_ids))
+
+    def read(client: Any) -> list[str]:
+        messages: list[str] = []
+        while page := client.read_logs(log_filter=log_filter, limit=200, offset=len(messages)):
+            messages += [log.message for log in page]
+        return messages
+
+    return client_calls(api_url, read)
+
+
 def log_tail(path: Path, lines: int = 60) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""

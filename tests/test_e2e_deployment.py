@@ -1,8 +1,10 @@
 """End to end, as a user would run it: a real Prefect server and process worker, the local variant of
 deploy/prefect.yaml deployed with deploy/deploy.sh, a real S3 endpoint (moto) behind a real MLflow server
 with proxied artifacts, ``prefect deployment run finetune/cityscapes-local --watch``, then the deployed
-data stage again (skipped: unchanged data). Sentinel secrets in every process's environment must not
-show up in anything the runs produced."""
+data stage again (skipped: unchanged data). What a user watching the run sees comes back from the
+Prefect API: the training's epoch lines and the evaluation summaries in the stages' logs, the progress and
+latest-epoch artifacts. Sentinel secrets in every process's environment must not show up in anything the
+runs produced."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from tests.prefectstack import (
     SENTINELS,
     Stack,
     client_calls,
+    flow_run_logs,
     local_worker,
     log_tail,
     runs_of,
@@ -39,7 +42,8 @@ def test_deployed_flow_end_to_end(stack: Stack) -> None:
     import boto3
     from mlflow import MlflowClient
 
-    params = json.dumps({"recipe": "demo", "overrides": tiny_overrides(stack.work)})
+    # Two epochs: the progress artifact and the epoch table are updated after each.
+    params = json.dumps({"recipe": "demo", "overrides": [*tiny_overrides(stack.work), "train.epochs=2"]})
     with local_worker(stack) as worker_log:
         run = stack.cli(
             "prefect", "deployment", "run", "finetune/cityscapes-local", "--params", params,
@@ -112,6 +116,31 @@ def test_deployed_flow_end_to_end(stack: Stack) -> None:
     table = next(a for a in artifacts if a.key == "iou-baseline-vs-finetuned" and a.flow_run_id == parent.id)
     rows = json.loads(table.data) if isinstance(table.data, str) else table.data
     assert rows[-1]["class"] == "mIoU" and len(rows) == 20
+
+    # Watching it: the stages' INFO lines in their flow runs' logs (under a worker, not only from the CLI)
+    # and the train stage's artifacts.
+    def stage_runs(stage: str) -> list[Any]:
+        return [run.id for run in flow_runs if run.name == f"{parent.name}-{stage}"]
+
+    (train_run,) = stage_runs("train")
+    train_log = "\n".join(flow_run_logs(stack.api_url, [train_run]))
+    for line in ("epoch 1/2 step 2/2 loss", "epoch 2/2 step 2/2 loss", " img/s ETA ", "epoch 2/2: val mIoU"):
+        assert line in train_log, train_log
+    assert "cityseg-progress" not in train_log  # rank 0's records became the artifacts below
+    evaluation_log = "\n".join(flow_run_logs(stack.api_url, stage_runs("evaluate")))
+    for name in ("baseline-paper-baseline", "finetuned"):
+        assert f"evaluation {name}: val mIoU" in evaluation_log, evaluation_log
+    assert "exported " in "\n".join(flow_run_logs(stack.api_url, stage_runs("export")))
+    (progress,) = [a for a in artifacts if a.key == "training-progress" and a.flow_run_id == train_run]
+    assert progress.type == "progress" and float(progress.data) == 100.0
+    assert progress.description.endswith("epoch 2/2, ETA 0:00:00")
+    epochs = sorted(
+        (a for a in artifacts if a.key == "training-epoch" and a.flow_run_id == train_run),
+        key=lambda a: a.created,
+    )
+    assert [json.loads(a.data)[0]["epoch"] for a in epochs] == ["1/2", "2/2"]  # a version per epoch
+    (last,) = json.loads(epochs[-1].data)
+    assert last["train loss"] > 0 and last["images/s"] > 0 and 0 <= last["val mIoU (%)"] <= 100
 
     # No secret anywhere: CLI output, server/worker logs, Prefect and MLflow databases (parameters,
     # logs, artifacts, params, tags), files under the run directory, objects in the bucket.

@@ -12,20 +12,22 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import mlflow
 import pytest
+from prefect import flow
 from prefect.blocks.system import Secret
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.testing.utilities import prefect_test_harness
 
+from components import tracking
 from components.config import load_config
 from components.data.prepare import dataset_fingerprint
 from components.errors import ConfigError
 from flows.credentials import cityscapes_credentials, export_aws_credentials
-from flows.finetune import finetune, iou_table, mlflow_ui_url
+from flows.finetune import close_abandoned_runs, finetune, iou_table, mlflow_ui_url
 from flows.stages import prepare_data
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -120,6 +122,36 @@ def test_secrets_come_from_blocks_then_environment(
         Secret.delete("aws-access-key-id")
     monkeypatch.delenv("CITYSCAPES_PASSWORD")
     assert cityscapes_credentials() is None
+
+
+def test_pipeline_runs_of_ended_flow_runs_are_closed(prefect_server: None, tmp_path: Path) -> None:
+    """A killed process leaves its pipeline run RUNNING: the next flow run closes it once Prefect reports
+    the flow run ended; runs of live flow runs, and of flow runs this server does not know, stay."""
+    from prefect.states import Crashed, Running
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = load_config(
+        "demo", [f"run_dir={tmp_path}", f"tracking.tracking_uri={uri}", "tracking.system_metrics=false"]
+    )
+    with get_client(sync_client=True) as client:
+        crashed = client.create_flow_run(finetune, name="crashed-run", state=Crashed())
+        running = client.create_flow_run(finetune, name="running-run", state=Running())
+    run_ids = {
+        name: tracking.start_pipeline_run(cfg, name, tags={tracking.FLOW_RUN_TAG: str(flow_run_id)})
+        for name, flow_run_id in [("crashed", crashed.id), ("running", running.id), ("unknown", uuid4())]
+    }
+
+    closing = flow(name="closing")(close_abandoned_runs).with_options(flow_run_name="closing-run")
+    closing(cfg)
+
+    runs = {name: mlflow.MlflowClient(uri).get_run(run_id) for name, run_id in run_ids.items()}
+    assert runs["crashed"].info.status == "KILLED"
+    reason = runs["crashed"].data.tags[tracking.CLOSED_REASON_TAG]
+    assert (
+        reason.startswith(f"flow run {crashed.id} (crashed-run) ended Crashed")
+        and "closed by flow run" in reason
+    )
+    assert runs["running"].info.status == "RUNNING" and runs["unknown"].info.status == "RUNNING"
 
 
 def test_iou_table_rows_in_percent() -> None:

@@ -32,7 +32,7 @@ from components.k8sjob import (
     run_training_job,
 )
 from components.multinode import rbac_manifests, training_manifests
-from components.train import TrainingError, TrainingInterrupted, TrainResult
+from components.train import EpochProgress, TrainingError, TrainingInterrupted, TrainResult
 from flows.stages import multinode_overrides
 from tests.kubestub import ROUTE, KubeStub
 
@@ -644,29 +644,14 @@ def prefect_server() -> Iterator[None]:
         yield
 
 
-@pytest.fixture
-def components_logs_to_prefect() -> Iterator[None]:
-    """What PREFECT_LOGGING_EXTRA_LOGGERS=components (set by every deployment) does at Prefect's start:
-    the ``components`` logger gets the handlers of ``prefect.extra``, among them the one to the API."""
-    components, extra = logging.getLogger("components"), logging.getLogger("prefect.extra")
-    added = [handler for handler in extra.handlers if handler not in components.handlers]
-    level = components.level
-    components.setLevel(logging.INFO)
-    for handler in added:
-        components.addHandler(handler)
-    yield
-    for handler in added:
-        components.removeHandler(handler)
-    components.setLevel(level)
-
-
 @pytest.mark.slow
 def test_the_train_stage_submits_the_job_and_its_flow_run_logs_pod0s_lines(
-    prefect_server, components_logs_to_prefect, stub, job_env, monkeypatch, tmp_path
+    prefect_server, stub, job_env, monkeypatch, tmp_path
 ):
     """flows/stages.py's train stage with multinode.enabled, as the finetune flow runs it: the kube config
     (pointing at the stub) found outside a pod, the flow's local output_dir moved to s3_run_dir, the labels
-    from the flow run, and pod 0's lines in the flow run's logs on the Prefect server."""
+    from the flow run, pod 0's lines in the flow run's logs on the Prefect server (no logging settings
+    needed: the flow sets them) and its progress records in the flow run's artifacts."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
     from prefect.logging.handlers import APILogWorker
@@ -688,7 +673,8 @@ def test_the_train_stage_submits_the_job_and_its_flow_run_logs_pod0s_lines(
         (name,) = stub.wait_for(lambda: [name for where, name in stub.objects if where == JOBS])
         pod = f"{name}-0-abcde"
         stub.add_pod(NS, pod, _pod_labels(name))
-        stub.log(pod, "[rank 0] epoch 1/1 loss 0.9 - from the training pod")
+        record = EpochProgress(1, 1, train_loss=0.9, lr=0.0, images_per_second=80.0, val_miou=0.5, eta_s=0.0)
+        stub.log(pod, "[rank 0] epoch 1/1 loss 0.9 - from the training pod", f"[rank 0] {record.to_line()}")
         result = TrainResult(f"{output}/best.pt", f"{output}/epoch_0001.pt", 0.5, "run-1", 1)
         storage.write_bytes(f"{output}/train_result.json", json.dumps(asdict(result)).encode())
         stub.end_container(NS, pod, "Succeeded")
@@ -715,5 +701,18 @@ def test_the_train_stage_submits_the_job_and_its_flow_run_logs_pod0s_lines(
     APILogWorker.drain_all(timeout=30)  # what Prefect does at the end of a flow-run process
     with get_client(sync_client=True) as client:
         logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+        artifacts = client.read_artifacts()
     messages = [log.message for log in logs]
     assert "[rank 0] epoch 1/1 loss 0.9 - from the training pod" in messages, messages
+    assert not [message for message in messages if "cityseg-progress" in message]
+    ours = {a.key: a for a in artifacts if str(a.flow_run_id) == flow_run_id}
+    assert float(ours["training-progress"].data) == 100.0
+    (row,) = json.loads(ours["training-epoch"].data)
+    assert row == {
+        "epoch": "1/1",
+        "train loss": 0.9,
+        "lr": 0.0,
+        "images/s": 80.0,
+        "val mIoU (%)": 50.0,
+        "ETA": "0:00:00",
+    }
