@@ -198,7 +198,9 @@ def test_killed_agent_rejoins_and_the_job_ends_bit_exact(
 
 @pytest.mark.slow
 def test_a_hung_rank_fails_the_job_with_a_named_error(synthetic_root: Path, tmp_path: Path) -> None:
-    cfg = tiny_config(synthetic_root, tmp_path, *ELASTIC, "train.collective_timeout_s=5")
+    # Longer than rank 0's start-up before its first collective (MLflow creates its store: 5 s was too
+    # short on a loaded 2-core machine, where the other rank timed out first).
+    cfg = tiny_config(synthetic_root, tmp_path, *ELASTIC, "train.collective_timeout_s=20")
     stopped: list[psutil.Process] = []
     freezer = threading.Thread(target=_stop_rank_one_mid_epoch, args=(cfg, stopped), daemon=True)
     freezer.start()
@@ -212,9 +214,9 @@ def test_a_hung_rank_fails_the_job_with_a_named_error(synthetic_root: Path, tmp_
                 process.kill()
     freezer.join(5)
     assert stopped, "rank 1 was never stopped"
-    named = "CollectiveTimeout: rank 0 of 2 waited more than train.collective_timeout_s=5 s"
+    named = "CollectiveTimeout: rank 0 of 2 waited more than train.collective_timeout_s=20 s"
     assert named in str(failed.value), str(failed.value)
-    # 5 s of timeout, then torchrun gives the stopped rank 30 s to exit before it SIGKILLs it.
+    # 20 s of timeout, then torchrun gives the stopped rank 30 s to exit before it SIGKILLs it.
     assert time.monotonic() - started < 240
 
 
