@@ -50,7 +50,7 @@ from components.multinode import (
     TRAINJOB_VERSION,
     training_manifests,
 )
-from components.train import TrainingError, TrainingInterrupted, TrainResult, read_result
+from components.train_contract import TrainingError, TrainingInterrupted, TrainResult, read_result
 
 logger = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from components.config import Config
-from components.train import EpochProgress, TrainingError, TrainResult, read_result
+from components.train_contract import EpochProgress, TrainingError, TrainResult, read_result
 
 logger = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ from components.k8sjob import run_labels, run_training_job
 from components.launch import launch_training
 from components.registry import register_model
 from components.storage import atomic_path, is_s3, join
-from components.train import EpochProgress
+from components.train_contract import EpochProgress
 from flows.credentials import cityscapes_credentials, export_aws_credentials
 from flows.logs import show_project_logs
 

@@ -30,7 +30,8 @@ from components.checkpoint import load_checkpoint
 from components.config import Config
 from components.launch import launch_training
 from components.multinode import AGENT_ENV, torchrun_flags
-from components.train import TrainingError, train
+from components.train import train
+from components.train_contract import TrainingError
 from tests.s3server import free_port
 from tests.test_train import one_thread, tiny_config  # noqa: F401  (one_thread is a fixture)
 from tests.test_train_ddp import DETERMINISTIC_SPLIT, assert_trained_alike

@@ -32,7 +32,7 @@ from components.k8sjob import (
     run_training_job,
 )
 from components.multinode import rbac_manifests, training_manifests
-from components.train import EpochProgress, TrainingError, TrainingInterrupted, TrainResult
+from components.train_contract import EpochProgress, TrainingError, TrainingInterrupted, TrainResult
 from flows.stages import multinode_overrides
 from tests.kubestub import ROUTE, KubeStub
 
