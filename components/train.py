@@ -16,7 +16,7 @@ Checkpoints (``TrainState.to_checkpoint``, written by rank 0 to ``train.output_d
 hold the model, optimizer, LR schedule and progress; a rerun with the same output_dir resumes from the
 newest complete one and continues the same MLflow run. Sample order and augmentation are seeded per
 (seed, epoch, sample), dropout per (seed, epoch, rank, step), so a resumed run ends with exactly the
-weights of an uninterrupted one (on CPU; see README > Preemption for GPUs). SIGTERM (preemption) stops
+weights of an uninterrupted one (on CPU; for GPUs see docs/operations.md). SIGTERM (preemption) stops
 all ranks at the same step boundary (one process: the next; several: the next ``train.log_every`` log
 point) and exits with code 143; the epoch in progress is redone on resume.
 
@@ -48,7 +48,7 @@ from components.data.dataset import CityscapesSegmentation
 from components.data.sampling import train_loader
 from components.data.transforms import check_crop_fits, eval_transform, train_transform
 from components.errors import ConfigError
-from components.evaluate import eval_loader, mlflow_metrics
+from components.evaluate import eval_loader, scalar_metrics
 from components.train_contract import (
     CollectiveTimeout,
     EpochProgress,
@@ -141,7 +141,7 @@ def _train(cfg: Config, ctx: distributed.DistContext, stop: threading.Event) -> 
                 if state.epoch % cfg.train.val_every == 0 or state.epoch == cfg.train.epochs:
                     val = validate(cfg, raw, val_loader, device)
                     val_miou = val["miou"]
-                    state.metrics.update(mlflow_metrics(val), per_class_iou=val["per_class_iou"])
+                    state.metrics.update(scalar_metrics(val), per_class_iou=val["per_class_iou"])
                     is_best = val["miou"] > state.best_miou
                     if is_best:
                         state.best_miou, state.best_epoch = val["miou"], state.epoch

@@ -9,10 +9,14 @@ MLflow: a launcher needs none of them to supervise a job.
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from components import storage
 from components.errors import CitysegError, StorageError
+
+logger = logging.getLogger(__name__)
 
 RESULT_FILE = "train_result.json"
 PROGRESS_PREFIX = "cityseg-progress "
@@ -52,7 +56,7 @@ class TrainResult:
 class EpochProgress:
     """Where training stands: ``epoch`` of ``epochs`` epochs done. Rank 0 logs one at the start (0, or the
     epoch a resume continues after: no metrics) and one after every epoch, as a line of its output that
-    ``components.launch`` (and ``components.k8sjob`` for pod 0) hand to their caller's ``on_epoch``."""
+    ``components.launch`` (and ``components.cluster`` for pod 0) hand to their caller's ``on_epoch``."""
 
     epoch: int
     epochs: int
@@ -94,3 +98,21 @@ def write_result(output_dir: str, result: TrainResult) -> None:
     """Rank 0's last act: the result file a launcher reads with :func:`read_result`."""
     payload = json.dumps(asdict(result), indent=2).encode()
     storage.write_bytes(storage.join(output_dir, RESULT_FILE), payload)
+
+
+OnEpoch = Callable[[EpochProgress], None]
+"""What a launcher hands each progress record to (the flow's Prefect artifacts)."""
+
+
+def relay_progress(line: str, on_epoch: OnEpoch | None) -> bool:
+    """True if ``line`` is a progress record (then it went to ``on_epoch``, and is not for the log)."""
+    progress = EpochProgress.from_line(line)
+    if progress is None:
+        return False
+    logger.debug("%s", line)
+    if on_epoch is not None:
+        try:
+            on_epoch(progress)
+        except Exception as exc:  # the caller's reporting (an API call) must not stop the relay of training
+            logger.warning("reporting the progress after epoch %d failed: %s", progress.epoch, exc)
+    return True
