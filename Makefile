@@ -6,7 +6,7 @@ RECIPE ?= demo
 # Idle OpenMP threads sleep instead of spinning: spinning made CPU training ~3x slower on shared cores.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: venv demo test audit lint bench gpu-check gpu-wheels lock clean images stack-tools stack-test
+.PHONY: venv demo test audit docs lint bench gpu-check gpu-wheels lock clean images stack-tools stack-test
 
 venv: $(VENV)/.installed
 
@@ -22,8 +22,8 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 demo: venv
 	$(PY) -m flows.finetune --recipe $(RECIPE)
 
-## The test suite (what CI runs), after the dependency audit.
-test: venv audit
+## The test suite (what CI runs), after the dependency audit and the docs build.
+test: venv audit docs
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest
@@ -47,6 +47,12 @@ audit: venv
 	else \
 		echo "pip-audit: no known vulnerabilities ($$unaudited of $$locked locked packages could not be checked)"; \
 	fi
+
+## The docs site (docs/, mkdocs.yml) into site/; --strict: a broken link or anchor fails the build.
+## No --quiet: it hides the warnings, and --strict then passes. NO_MKDOCS_2_WARNING: Material 9.7+ prints
+## a banner about its end of life (May 2027) on every build.
+docs: venv
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 lint: venv
 	$(VENV)/bin/ruff check --fix .
@@ -76,7 +82,7 @@ gpu-wheels:
 	@du -sh .whl
 
 ## Every image of the local stack and the project image. OFFLINE=1: no container registry, only a Debian
-## mirror and the PyPI mirror the host's pip uses (see README "Local stack").
+## mirror and the PyPI mirror the host's pip uses (see docs/local-stack.md).
 OFFLINE ?=
 images:
 	OFFLINE=$(OFFLINE) infra/images/build.sh
@@ -102,4 +108,4 @@ lock: venv
 	$(PY) -m pip freeze --exclude-editable | grep -v '^-e' > requirements.lock
 
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs .pytest_cache site

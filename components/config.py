@@ -315,11 +315,11 @@ StageName = Literal["prepare", "evaluate", "train", "export", "register"]
 
 
 class MultiNodeConfig(_Strict):
-    """Multi-node training on Kubernetes (``components/multinode.py`` renders the manifests from this,
-    ``components/k8sjob.py`` submits and follows them)."""
+    """Multi-node training on Kubernetes (``components/cluster/``: ``rules.py`` checks a job against this,
+    ``manifests.py`` renders it, ``runner.py`` submits and follows it)."""
 
     enabled: bool = False
-    """The training stage submits a multi-node Kubernetes job and follows it (``components/k8sjob.py``)
+    """The training stage submits a multi-node Kubernetes job and follows it (``components/cluster/``)
     instead of running torchrun in the flow's own container."""
     image: str | None = None
     """The project image the job's pods run (the Kubernetes deployment passes ``$CITYSEG_IMAGE``, the image
@@ -327,7 +327,8 @@ class MultiNodeConfig(_Strict):
     s3_run_dir: str | None = None
     """``s3://`` stand-in for ``run_dir`` in multi-node jobs: a local ``train.output_dir`` under run_dir (the
     finetune flow's ``<run_dir>/flow-runs/<id>/train``) becomes ``<s3_run_dir>/flow-runs/<id>/train``, one
-    checkpoint folder per flow run that every node reaches. None: train.output_dir must be s3:// itself."""
+    checkpoint folder per flow run that every node reaches. None: train.output_dir must be s3:// itself
+    (the rule is ``components/cluster/rules.py``'s)."""
     engine: Literal["indexed-job", "trainjob"] = "indexed-job"
     """indexed-job: a batch/v1 Indexed Job + headless Service (no operator needed); trainjob: a Kubeflow
     Trainer TrainJob (needs the operator and its ``torch-distributed`` runtime; data from the S3 mirror)."""
@@ -371,7 +372,7 @@ class MultiNodeConfig(_Strict):
 
 class OrchestrationConfig(_Strict):
     """How the Prefect flows run the stages (``flows/``); components never read this section, except the
-    multi-node job's renderer and runner (``components/multinode.py``, ``components/k8sjob.py``)."""
+    multi-node job's rules, renderer and runner (``components/cluster/``)."""
 
     stage_deployments: dict[StageName, str] = {}
     """Stage -> ``flow-name/deployment-name`` (e.g. ``prepare: prepare-data/cityscapes-cpu``) to run that
@@ -498,7 +499,7 @@ def _describe(exc: ValidationError) -> str:
     for error in exc.errors():
         field = ".".join(str(part) for part in error["loc"]) or "<root>"
         if error["type"] == "extra_forbidden":
-            problems.append(f"{field}: unknown key (check spelling; see README's configuration reference)")
+            problems.append(f"{field}: unknown key (check spelling; see docs/configuration.md)")
         else:
             problems.append(f"{field}: {error['msg']} (got {error.get('input')!r})")
     return "invalid configuration: " + "; ".join(problems)
@@ -516,7 +517,7 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def reference_markdown() -> str:
-    """The configuration reference (README): every field with its default and meaning."""
+    """The configuration reference (docs/configuration.md): every field with its default and meaning."""
     header = ["| key | default | meaning |", "|---|---|---|"]
     return "\n".join(header + _reference_rows("", Config, Config().model_dump(mode="json"))) + "\n"
 

@@ -95,7 +95,10 @@ def evaluate_model(
     matrix = ConfusionMatrix(num_classes, device)
     was_training = model.training
     model.eval()
-    for images, labels in tqdm(loader, desc="evaluate", disable=rank_world()[0] != 0, leave=False):
+    # Bars on a terminal only (None): in a relayed pipe their text would land inside log lines.
+    for images, labels in tqdm(
+        loader, desc="evaluate", disable=None if rank_world()[0] == 0 else True, leave=False
+    ):
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
         if resize is not None and tuple(labels.shape[-2:]) != tuple(resize):
@@ -173,7 +176,7 @@ def evaluate(
     out = Path(out_dir)
     write_reports(metrics, matrix, out)
     samples = range(min(cfg.evaluate.num_overlays, len(dataset)))
-    for i in tqdm(samples, desc="overlays", leave=False):
+    for i in tqdm(samples, desc="overlays", disable=None, leave=False):
         _write_overlay(model, dataset, i, out / "overlays", device, autocast_dtype, prediction_map)
     metrics["mlflow_run_id"] = None
     if log_to_mlflow:
@@ -181,7 +184,7 @@ def evaluate(
 
         tags = {"baseline": baseline or "none", "model_uri": model_uri or "", "protocol": metrics["protocol"]}
         name = run_name or f"eval-{baseline or Path(model_uri).name}"
-        metrics["mlflow_run_id"] = tracking.log_evaluation(cfg, mlflow_metrics(metrics), out, name, tags)
+        metrics["mlflow_run_id"] = tracking.log_evaluation(cfg, scalar_metrics(metrics), out, name, tags)
     return metrics
 
 
@@ -189,8 +192,9 @@ def protocol_name(resize: tuple[int, int] | None) -> str:
     return "official" if resize is None else f"resized {resize[0]}x{resize[1]}"
 
 
-def mlflow_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
-    """``val_miou``, ``val_pixel_accuracy``, ``val_iou_<class>``, ... (``val_resized_HxW_*`` if resized)."""
+def scalar_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The scalar metrics under the names the training state and the tracking runs keep them: ``val_miou``,
+    ``val_pixel_accuracy``, ``val_iou_<class>``, ... (``val_resized_HxW_*`` if resized)."""
     protocol = metrics["protocol"]
     prefix = "val_" if protocol == "official" else f"val_{protocol.replace(' ', '_')}_"
     flat = {
@@ -277,7 +281,7 @@ def score_predictions(pred_dir: str | Path, data_root: str | Path, split: str = 
     # and one more thread than cores keeps them busy while another waits for the GIL.
     with ThreadPoolExecutor(max_workers=min(32, (os.cpu_count() or 1) + 1)) as pool:
         jobs = pool.map(pair_counts, range(len(ground_truth)))
-        total = sum(tqdm(jobs, total=len(ground_truth), desc="score", leave=False))
+        total = sum(tqdm(jobs, total=len(ground_truth), desc="score", disable=None, leave=False))
     matrix = ConfusionMatrix(NUM_CLASSES)
     matrix.add_counts(total)
     return {

@@ -214,13 +214,10 @@ def _dynamo_export(net: nn.Module, sample: torch.Tensor, path: Path, opset: int)
 
 def onnx_metadata(cfg: Config, exporter: str, source_run_id: str | None = None) -> dict[str, str]:
     """The ``metadata_props`` every exported model carries (values are JSON strings)."""
-    from components.tracking import git_commit
+    from components import tracking
 
     if source_run_id is None:
-        import mlflow
-
-        active = mlflow.active_run()
-        source_run_id = active.info.run_id if active else ""
+        source_run_id = tracking.active_run_id() or ""
     fields: dict[str, Any] = {
         "class_names": list(CLASS_NAMES),
         "train_ids": list(range(len(CLASS_NAMES))),
@@ -242,7 +239,7 @@ def onnx_metadata(cfg: Config, exporter: str, source_run_id: str | None = None) 
         "backbone": cfg.model.backbone,
         "recipe": cfg.recipe,
         "source_run_id": source_run_id,
-        "git_commit": git_commit(),
+        "git_commit": tracking.git_commit(),
     }
     return {key: json.dumps(value) for key, value in fields.items()}
 

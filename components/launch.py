@@ -5,7 +5,7 @@
 Runs nothing of the training itself: it writes the config, starts ``torchrun`` (one rank per visible
 GPU, or 1 on CPU), relays the ranks' output to this module's logger, forwards a SIGTERM sent to this
 process (preemption) to torchrun, and reads the result file rank 0 wrote. Rank 0's progress records
-(``components.train.EpochProgress`` lines) go to the caller's ``on_epoch`` instead of the log: the
+(``components.train_contract.EpochProgress`` lines) go to the caller's ``on_epoch`` instead of the log: the
 orchestrator shows them its own way (the train stage: Prefect artifacts) without importing it here.
 """
 
@@ -20,17 +20,16 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from components.config import Config
-from components.train import EpochProgress, TrainingError, TrainResult, read_result
+from components.train_contract import OnEpoch, TrainingError, TrainResult, read_result, relay_progress
 
 logger = logging.getLogger(__name__)
 
-OnEpoch = Callable[[EpochProgress], None]
 """Called in the launching thread with each of rank 0's progress records: at the start, after every epoch."""
 
 
@@ -58,20 +57,6 @@ def launch_training(cfg: Config, nproc: int | None = None, on_epoch: OnEpoch | N
             exit_code,
         )
     return read_result(cfg.train.output_dir, "training")
-
-
-def relay_progress(line: str, on_epoch: OnEpoch | None) -> bool:
-    """True if ``line`` is a progress record (then it went to ``on_epoch``, and is not for the log)."""
-    progress = EpochProgress.from_line(line)
-    if progress is None:
-        return False
-    logger.debug("%s", line)
-    if on_epoch is not None:
-        try:
-            on_epoch(progress)
-        except Exception as exc:  # the caller's reporting (an API call) must not stop the relay of training
-            logger.warning("reporting the progress after epoch %d failed: %s", progress.epoch, exc)
-    return True
 
 
 def _run_torchrun(

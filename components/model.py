@@ -8,9 +8,10 @@
   * a checkpoint path / ``s3://`` URI (components.checkpoint format) or a ``models:/name@alias`` /
     ``models:/name/version`` URI: start from that model's weights (fine-tuning).
 
-A ``models:/`` URI is resolved through the MLflow registry: the registered version's pytorch-flavour
-model is loaded with ``mlflow.pytorch.load_model`` and its Config is the ``config.yaml`` artifact of the
-version's source run (``components.tracking.mlflow_run`` logs it in every run).
+A ``models:/`` URI is resolved through the MLflow registry
+(:func:`components.tracking.registry_read.load_registered_pytorch`): the registered version's pytorch-flavour
+model, and its Config from the ``config.yaml`` artifact of the version's source run
+(``components.tracking.mlflow_run`` logs it in every run).
 """
 
 from __future__ import annotations
@@ -132,26 +133,10 @@ def _checkpoint_state(uri: str, map_location: str | torch.device) -> tuple[dict[
 
 
 def _load_registered(uri: str, map_location: str | torch.device) -> tuple[nn.Module, Config]:
-    import mlflow
-    import yaml
-    from mlflow.exceptions import MlflowException
+    from components.tracking.registry_read import load_registered_pytorch
 
-    from components.registry import download_through_the_server, registered_version
-
-    client = mlflow.MlflowClient()
-    name, version = registered_version(client, uri)
-    download_through_the_server()
-    try:
-        run_id = client.get_model_version(name, version).run_id
-        # By version, not alias: the weights and config.yaml must come from one version even if the
-        # alias moves meanwhile.
-        logged = mlflow.pytorch.load_model(f"models:/{name}/{version}", map_location=map_location)
-        cfg = config_from_dict(yaml.safe_load(mlflow.artifacts.load_text(f"runs:/{run_id}/config.yaml")))
-    except MlflowException as exc:
-        raise ModelError(
-            f"cannot load {uri} from the MLflow registry at {mlflow.get_tracking_uri()}: {exc.message}. "
-            "Check the name/alias/version and MLFLOW_TRACKING_URI."
-        ) from None
+    logged, config = load_registered_pytorch(uri, map_location)
+    cfg = config_from_dict(config)
     # Rebuild from the config and copy the weights: a pickled module and a "pt2" export (a graph traced
     # at one input size) both become the same plain DeepLabv3 that accepts any image size.
     net = build_model(cfg.model.model_copy(update={"weights": "none"}))

@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 SERVING_REQUIREMENTS = ("mlflow-skinny", "onnxruntime", "numpy", "pandas")
 """What the served model imports (pandas: MLflow's scoring server parses requests with it). The CPU build
-of onnxruntime; a GPU server swaps in onnxruntime-gpu of the same version (README, Serving)."""
+of onnxruntime; a GPU server swaps in onnxruntime-gpu of the same version (docs/inference.md, Serving)."""
 
 BUNDLED_MODULES = ("__init__.py", "errors.py", "labels.py", "serving.py")
 """The files of ``components/`` that a registered model carries in its ``code/components/``."""

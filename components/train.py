@@ -16,7 +16,7 @@ Checkpoints (``TrainState.to_checkpoint``, written by rank 0 to ``train.output_d
 hold the model, optimizer, LR schedule and progress; a rerun with the same output_dir resumes from the
 newest complete one and continues the same MLflow run. Sample order and augmentation are seeded per
 (seed, epoch, sample), dropout per (seed, epoch, rank, step), so a resumed run ends with exactly the
-weights of an uninterrupted one (on CPU; see README > Preemption for GPUs). SIGTERM (preemption) stops
+weights of an uninterrupted one (on CPU; for GPUs see docs/operations.md). SIGTERM (preemption) stops
 all ranks at the same step boundary (one process: the next; several: the next ``train.log_every`` log
 point) and exits with code 143; the epoch in progress is redone on resume.
 
@@ -36,7 +36,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -47,8 +47,15 @@ from components.config import Config, load_config
 from components.data.dataset import CityscapesSegmentation
 from components.data.sampling import train_loader
 from components.data.transforms import check_crop_fits, eval_transform, train_transform
-from components.errors import CitysegError, ConfigError, StorageError
-from components.evaluate import eval_loader, mlflow_metrics
+from components.errors import ConfigError
+from components.evaluate import eval_loader, scalar_metrics
+from components.train_contract import (
+    CollectiveTimeout,
+    EpochProgress,
+    TrainingInterrupted,
+    TrainResult,
+    write_result,
+)
 from components.trainer import (
     BatchPlan,
     build_stepper,
@@ -59,81 +66,6 @@ from components.trainer import (
 )
 
 logger = logging.getLogger(__name__)
-
-RESULT_FILE = "train_result.json"
-PROGRESS_PREFIX = "cityseg-progress "
-"""Rank 0's machine-readable progress lines: this prefix, then an ``EpochProgress`` as JSON."""
-INTERRUPTED_EXIT_CODE = 143  # 128 + SIGTERM, what a preempted job conventionally reports
-
-
-class TrainingError(CitysegError):
-    """Training did not complete; ``exit_code`` is the training process's (143 = preempted)."""
-
-    def __init__(self, message: str, exit_code: int = 1) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-class CollectiveTimeout(TrainingError):
-    """A rank waited longer than ``train.collective_timeout_s`` for the others: one of them hung or died."""
-
-
-class TrainingInterrupted(TrainingError):
-    """SIGTERM stopped training; the last complete epoch is checkpointed and a rerun resumes from it."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, INTERRUPTED_EXIT_CODE)
-
-
-@dataclass
-class TrainResult:
-    best_checkpoint: str
-    last_checkpoint: str
-    best_miou: float
-    mlflow_run_id: str | None
-    epochs_completed: int
-
-
-@dataclass(frozen=True)
-class EpochProgress:
-    """Where training stands: ``epoch`` of ``epochs`` epochs done. Rank 0 logs one at the start (0, or the
-    epoch a resume continues after: no metrics) and one after every epoch, as a line of its output that
-    ``components.launch`` (and ``components.k8sjob`` for pod 0) hand to their caller's ``on_epoch``."""
-
-    epoch: int
-    epochs: int
-    train_loss: float | None = None
-    lr: float | None = None
-    """At the epoch's end."""
-    images_per_second: float | None = None
-    val_miou: float | None = None
-    """Only after an epoch that validated (``train.val_every``)."""
-    eta_s: float | None = None
-    """Time left at this process's mean epoch time (validation and checkpoints included)."""
-
-    def to_line(self) -> str:
-        return PROGRESS_PREFIX + json.dumps(asdict(self))
-
-    @classmethod
-    def from_line(cls, line: str) -> EpochProgress | None:
-        """The record in a line of rank 0's output (after its log prefix), or None if it holds none."""
-        _, prefix, payload = line.partition(PROGRESS_PREFIX)
-        if not prefix:
-            return None
-        try:
-            return cls(**json.loads(payload))
-        except (TypeError, ValueError):  # a line that only looks like one (cut off, another version's)
-            return None
-
-
-def read_result(output_dir: str, where: str = "training") -> TrainResult:
-    """The TrainResult rank 0 wrote to ``<output_dir>/train_result.json`` (a local path or ``s3://``)."""
-    uri = storage.join(output_dir, RESULT_FILE)
-    try:
-        payload = json.loads(storage.read_bytes(uri))
-    except (StorageError, ValueError) as exc:
-        raise TrainingError(f"{where} completed but its result {uri} cannot be read: {exc}") from None
-    return TrainResult(**payload)
 
 
 def train(cfg: Config) -> TrainResult:
@@ -209,7 +141,7 @@ def _train(cfg: Config, ctx: distributed.DistContext, stop: threading.Event) -> 
                 if state.epoch % cfg.train.val_every == 0 or state.epoch == cfg.train.epochs:
                     val = validate(cfg, raw, val_loader, device)
                     val_miou = val["miou"]
-                    state.metrics.update(mlflow_metrics(val), per_class_iou=val["per_class_iou"])
+                    state.metrics.update(scalar_metrics(val), per_class_iou=val["per_class_iou"])
                     is_best = val["miou"] > state.best_miou
                     if is_best:
                         state.best_miou, state.best_epoch = val["miou"], state.epoch
@@ -238,7 +170,7 @@ def _train(cfg: Config, ctx: distributed.DistContext, stop: threading.Event) -> 
             epochs_completed=cfg.train.epochs,
         )
         if ctx.is_main:
-            _write_result(cfg, result)
+            write_result(cfg.train.output_dir, result)
             tracking.log_training_summary({**asdict(result), "best_epoch": state.best_epoch, **state.metrics})
     return result
 
@@ -286,11 +218,6 @@ def _load_resume_state(cfg: Config, ctx: distributed.DistContext) -> dict[str, A
             "train.output_dir or delete the old checkpoints"
         )
     return state
-
-
-def _write_result(cfg: Config, result: TrainResult) -> None:
-    payload = json.dumps(asdict(result), indent=2).encode()
-    storage.write_bytes(storage.join(cfg.train.output_dir, RESULT_FILE), payload)
 
 
 @contextlib.contextmanager

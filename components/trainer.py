@@ -231,7 +231,12 @@ def train_one_epoch(run: Stepper, loader: DataLoader, epoch: int) -> dict[str, f
     loss_total = torch.zeros((), dtype=torch.float64, device=device)
     started = time.perf_counter()
     bar = tqdm(
-        total=steps, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", disable=not run.ctx.is_main, leave=False
+        total=steps,
+        desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
+        # A terminal only (None): relayed through a pipe, a bar's text lands inside the next log line,
+        # and the step lines (loss, img/s, ETA) already say the same.
+        disable=None if run.ctx.is_main else True,
+        leave=False,
     )
     for step, (images, labels) in enumerate(loader, start=1):
         if run.ctx.world_size == 1 and run.stop.is_set():

@@ -13,7 +13,7 @@ evaluation, training, fine-tuned evaluation) are its children: the flow hands th
 override ``tracking.parent_run_id=<id>``, and the dataset as ``data.root=<prepared root>``. A retry of
 the flow run (``prefect flow-run retry <id>``) continues the same parent run: Prefect reuses the stages
 that completed (their results are persisted), training resumes from its last checkpoint in its MLflow
-run, and runs a killed attempt left ``RUNNING`` are closed (:func:`pipeline_run`).
+run, and runs a killed attempt left ``RUNNING`` are closed (:func:`flows.orchestration.pipeline_run`).
 
 With ``register_model=False`` the flow stops after the export and returns the candidate (the register
 stage's parameters) instead of registering it: the ``sweep`` flow (flows/sweep.py) registers only its best.
@@ -25,17 +25,11 @@ import argparse
 import logging
 import math
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
-from uuid import UUID
 
-from prefect import Flow, flow, task
+from prefect import flow, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
-from prefect.client.orchestration import get_client
-from prefect.deployments import run_deployment
-from prefect.exceptions import ObjectNotFound
 from prefect.runtime import flow_run
 from prefect.settings import (
     PREFECT_SERVER_ANALYTICS_ENABLED,
@@ -45,17 +39,15 @@ from prefect.settings import (
 
 from components import tracking
 from components.cli import run_cli
-from components.config import Config, StageName, load_config
+from components.config import Config, load_config
 from components.errors import ConfigError
+from components.registry import registration_text
 from components.storage import join
 from flows.logs import show_project_logs
+from flows.orchestration import link_registered_version, pipeline_run, run_stage
 from flows.stages import evaluate_stage, export_stage, prepare_data, register_stage, train_stage
 
 logger = logging.getLogger(__name__)
-
-
-class StageFailed(RuntimeError):
-    """A stage deployment's flow run did not complete."""
 
 
 def flow_run_name() -> str:
@@ -70,25 +62,6 @@ def flow_run_name() -> str:
     except ConfigError:  # the flow body reports it; naming the run must not fail first
         return str(recipe)
     return f"{cfg.recipe}-{cfg.model.backbone}"
-
-
-def run_stage(cfg: Config, stage: StageName, stage_flow: Flow[..., Any], **parameters: Any) -> Any:
-    """Run a stage through its deployment when one is configured, else in-process as a subflow."""
-    run_name = f"{flow_run.name}-{stage}"
-    deployment = cfg.orchestration.stage_deployments.get(stage)
-    if deployment is None:
-        return stage_flow.with_options(flow_run_name=run_name)(**parameters)
-    logger.info("running stage %s on deployment %s", stage, deployment)
-    stage_run = run_deployment(
-        deployment, parameters=parameters, timeout=cfg.orchestration.stage_timeout_s, flow_run_name=run_name
-    )
-    if stage_run.state is None or not stage_run.state.is_completed():
-        state = stage_run.state.name if stage_run.state else "unknown"
-        raise StageFailed(
-            f"stage {stage} (deployment {deployment}, flow run {stage_run.id}) ended {state}; "
-            "see that flow run's logs"
-        )
-    return stage_run.state.result()
 
 
 def iou_table(baseline: dict[str, Any], finetuned: dict[str, Any]) -> list[dict[str, Any]]:
@@ -107,79 +80,6 @@ def iou_table(baseline: dict[str, Any], finetuned: dict[str, Any]) -> list[dict[
     return rows
 
 
-def mlflow_ui_url(cfg: Config) -> str:
-    if cfg.orchestration.mlflow_ui_url:
-        return cfg.orchestration.mlflow_ui_url.rstrip("/")
-    uri = cfg.resolved_tracking_uri()
-    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
-
-
-@contextmanager
-def pipeline_run(cfg: Config, tags: dict[str, str] | None = None) -> Iterator[tuple[str, dict[str, float]]]:
-    """This flow run's MLflow parent run, named like the flow run: yields its id and a dict of summary
-    metrics to fill, logged when the body ends (status FAILED if it raised).
-
-    A retry of the flow run continues the parent run of its earlier attempt (found by the tag
-    ``prefect_flow_run_id``); the runs that flow runs which Prefect reports ended left ``RUNNING`` (their
-    process was killed) are closed first.
-    """
-    close_abandoned_runs(cfg)
-    flow_run_id = str(flow_run.id)
-    run_id = tracking.find_pipeline_run(cfg, flow_run_id)
-    if run_id is None:
-        run_id = tracking.start_pipeline_run(
-            cfg, flow_run.name or cfg.recipe, tags={tracking.FLOW_RUN_TAG: flow_run_id, **(tags or {})}
-        )
-    else:
-        logger.info("flow run %s retried: continuing MLflow run %s", flow_run_id, run_id)
-        tracking.reopen_run(cfg, run_id, f"flow run {flow_run_id} retried (attempt {flow_run.run_count})")
-    metrics: dict[str, float] = {}
-    try:
-        yield run_id, metrics
-    except BaseException:
-        tracking.end_pipeline_run(cfg, run_id, failed=True)
-        raise
-    tracking.end_pipeline_run(cfg, run_id, metrics)
-
-
-def close_abandoned_runs(cfg: Config) -> None:
-    """Close the pipeline runs (and their stage runs) left ``RUNNING`` by flow runs that Prefect reports
-    ended: a killed process never closed them. Runs of flow runs this Prefect server does not know are left
-    alone (another server's, maybe alive); a retry of an ended flow run reopens its run."""
-    running = tracking.running_pipeline_runs(cfg)
-    with get_client(sync_client=True) as client:
-        for run_id, other_id in running.items():
-            try:
-                other = client.read_flow_run(UUID(other_id))
-            except (ObjectNotFound, ValueError):
-                continue
-            if other.state is not None and other.state.is_final():
-                reason = (
-                    f"flow run {other_id} ({other.name}) ended {other.state.name} with this run RUNNING "
-                    f"(its process was killed); closed by flow run {flow_run.id}"
-                )
-                tracking.close_run(cfg, run_id, reason)
-
-
-def link_registered_version(cfg: Config, registered: dict[str, Any]) -> None:
-    """A Prefect link artifact to the registered model version's MLflow page."""
-    name, version = registered["name"], registered["version"]
-    create_link_artifact(
-        f"{mlflow_ui_url(cfg)}/#/models/{name}/versions/{version}",
-        link_text=f"{name} version {version}",
-        key="registered-model-version",
-    )
-
-
-def registration_text(registered: dict[str, Any]) -> str:
-    """``**name vN**`` with its aliases and whether it is the champion now."""
-    aliases = ", ".join(registered["aliases"]) or "none"
-    return (
-        f"**{registered['name']} v{registered['version']}**, aliases: {aliases}, "
-        f"promoted: {registered['promoted']}"
-    )
-
-
 @task(name="publish-artifacts")
 def publish_artifacts(
     cfg: Config,
@@ -196,16 +96,15 @@ def publish_artifacts(
         description=f"Val IoU (%) of the {cfg.evaluate.baseline} baseline and the fine-tuned "
         f"{cfg.model.backbone} ({cfg.recipe} recipe)",
     )
-    ui = mlflow_ui_url(cfg)
     pipeline_run_id = cfg.tracking.parent_run_id
     create_link_artifact(
-        tracking.run_url(cfg, ui, pipeline_run_id),
+        tracking.run_url(cfg, pipeline_run_id),
         link_text=f"MLflow pipeline run {pipeline_run_id}",
         key="mlflow-pipeline-run",
     )
     run_id = trained["mlflow_run_id"]
     create_link_artifact(
-        tracking.run_url(cfg, ui, run_id),
+        tracking.run_url(cfg, run_id),
         link_text=f"MLflow training run {run_id}",
         key="mlflow-training-run",
     )

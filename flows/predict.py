@@ -30,11 +30,11 @@ from components.predict import (
     check_collisions,
     check_inputs,
     list_inputs,
-    read_manifest,
+    merge_manifests,
     refuse,
     resolve_model,
     segment_inputs,
-    write_manifest,
+    shard_manifest_name,
 )
 from components.serving import Device, check_device
 from flows.credentials import export_aws_credentials
@@ -53,7 +53,7 @@ def segment_task(
     model_uri: str, refs: list[InputRef], output: str, shard: int, options: dict[str, Any]
 ) -> dict:
     summary = segment_inputs(
-        model_uri, refs, output, manifest_name=f"manifest.{shard:04d}.jsonl", progress=False, **options
+        model_uri, refs, output, manifest_name=shard_manifest_name(shard), progress=False, **options
     )
     return {
         "segmented": len(summary.segmented),
@@ -112,7 +112,7 @@ def predict(
         results.append(future.result())
         update_progress_artifact(progress, 100.0 * len(results) / len(futures))
         logger.info("shard %d of %d done: %s", len(results), len(futures), results[-1])
-    counts = _merge_manifests(output)
+    counts = merge_manifests(output)
     seconds = time.perf_counter() - started
     segmented = sum(r["segmented"] for r in results)
     provider = ", ".join(sorted({r["provider"] for r in results}))
@@ -142,16 +142,3 @@ def predict(
         description="Counts, failures, throughput and execution provider of this batch inference run",
     )
     return summary
-
-
-def _merge_manifests(output: str) -> dict[str, int]:
-    """Fold the shards' manifests into ``manifest.jsonl`` (one line per input), then delete them."""
-    records = read_manifest(output)
-    write_manifest(storage.join(output, MANIFEST), records)
-    for name in storage.list_names(output):
-        if name.startswith("manifest.") and name != MANIFEST and name.endswith(".jsonl"):
-            storage.delete(storage.join(output, name))
-    counts: dict[str, int] = {}
-    for record in records.values():
-        counts[record["status"]] = counts.get(record["status"], 0) + 1
-    return counts

@@ -12,10 +12,8 @@ training's progress and its latest epoch's metrics (``TrainingProgress``).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 from uuid import UUID
 
@@ -24,23 +22,18 @@ from prefect.artifacts import create_progress_artifact, create_table_artifact, u
 from prefect.runtime import flow_run
 from prefect.states import Completed, State
 
+from components.cluster import train_on_cluster
 from components.config import Config, DataConfig, load_config
-from components.data.prepare import dataset_fingerprint, prepare_dataset, prepared_root
-from components.errors import ConfigError
+from components.data.prepare import mark_prepared, prepare_dataset, unchanged_preparation
 from components.evaluate import evaluate
 from components.export import export_onnx
-from components.k8sjob import run_labels, run_training_job
 from components.launch import launch_training
 from components.registry import register_model
-from components.storage import atomic_path, is_s3, join
-from components.train import EpochProgress
+from components.train_contract import EpochProgress
 from flows.credentials import cityscapes_credentials, export_aws_credentials
 from flows.logs import show_project_logs
 
 logger = logging.getLogger(__name__)
-
-PREPARED_MARKER = ".cityseg-prepared.json"
-"""Written into the dataset root after a successful preparation: the data config and the fingerprint."""
 
 
 def stage_config(recipe: str, overrides: list[str] | None) -> Config:
@@ -65,31 +58,6 @@ def _as_dict(result: Any) -> dict[str, Any]:
 # --- data preparation (CPU pool) ------------------------------------------------------------------
 
 
-def _preparation_inputs(data: DataConfig) -> dict[str, Any]:
-    """The part of the data config that decides what the prepared dataset contains."""
-    inputs = data.model_dump(mode="json", include={"source", "uri", "root"})
-    if data.source == "synthetic":
-        inputs["synthetic"] = data.synthetic.model_dump(mode="json")
-    return inputs
-
-
-def unchanged_preparation(data: DataConfig) -> dict[str, str] | None:
-    """The previous preparation's result if the config and the files on disk are still the same."""
-    root = prepared_root(data)
-    marker = root / PREPARED_MARKER
-    if not marker.is_file():
-        return None
-    try:
-        previous = json.loads(marker.read_text())
-    except (OSError, ValueError):
-        return None
-    if previous.get("inputs") != _preparation_inputs(data):
-        return None
-    if dataset_fingerprint(root) != previous.get("fingerprint"):
-        return None
-    return {"root": str(root), "fingerprint": previous["fingerprint"]}
-
-
 @task(name="prepare-dataset")
 def prepare_dataset_task(data: DataConfig) -> dict[str, str] | State:
     """Fetch and prepare the dataset; a ``Skipped`` state when the prepared files are unchanged."""
@@ -97,15 +65,12 @@ def prepare_dataset_task(data: DataConfig) -> dict[str, str] | State:
     if unchanged is not None:
         return Completed(
             name="Skipped",
-            message=f"dataset in {unchanged['root']} unchanged (fingerprint {unchanged['fingerprint'][:12]})",
-            data=unchanged,
+            message=f"dataset in {unchanged.root} unchanged (fingerprint {unchanged.fingerprint[:12]})",
+            data=_as_dict(unchanged),
         )
     prepared = prepare_dataset(data, credentials=cityscapes_credentials())
-    result = {"root": str(prepared.root), "fingerprint": prepared.fingerprint}
-    marker = json.dumps({"inputs": _preparation_inputs(data), "fingerprint": prepared.fingerprint}, indent=2)
-    with atomic_path(Path(prepared.root) / PREPARED_MARKER) as tmp:
-        tmp.write_text(marker)
-    return result
+    mark_prepared(data, prepared)
+    return _as_dict(prepared)
 
 
 @flow(name="prepare-data", persist_result=True)
@@ -146,23 +111,6 @@ def evaluate_stage(
 
 
 # --- training (GPU pool) --------------------------------------------------------------------------
-
-
-def multinode_overrides(cfg: Config, overrides: list[str]) -> list[str]:
-    """``overrides`` for a multi-node job, whose nodes share no disk: a local ``train.output_dir`` under
-    run_dir moves to the same place under ``orchestration.multinode.s3_run_dir``."""
-    output_dir, s3_run_dir = cfg.train.output_dir, cfg.orchestration.multinode.s3_run_dir
-    if is_s3(output_dir):
-        return overrides
-    run_dir = Path(cfg.run_dir).resolve()
-    local = Path(output_dir).resolve()
-    if s3_run_dir is None or not local.is_relative_to(run_dir):
-        raise ConfigError(
-            f"train.output_dir={output_dir!r} is local, but the nodes of a multi-node job share no disk: set "
-            "orchestration.multinode.s3_run_dir=s3://bucket/runs (it stands in for run_dir) or "
-            "train.output_dir=s3://bucket/prefix"
-        )
-    return [*overrides, f"train.output_dir={join(s3_run_dir, local.relative_to(run_dir).as_posix())}"]
 
 
 def eta_text(seconds: float | None) -> str | None:
@@ -221,14 +169,12 @@ def train_stage(recipe: str, overrides: list[str] | None = None) -> dict[str, An
     cfg = stage_config(recipe, overrides)
     if not cfg.orchestration.multinode.enabled:
         return _as_dict(launch_training(cfg, on_epoch=TrainingProgress()))
-    overrides = multinode_overrides(cfg, list(overrides or []))
-    cfg = load_config(recipe, overrides)
-    result = run_training_job(
-        cfg,
-        recipe=recipe,
-        overrides=overrides,
+    result = train_on_cluster(
+        recipe,
+        overrides or [],
         run_name=flow_run.name or cfg.recipe,
-        labels=run_labels(flow_run.id, flow_run.name, flow_run.root_flow_run_id),
+        flow_run_id=flow_run.id,
+        root_flow_run_id=flow_run.root_flow_run_id,
         on_epoch=TrainingProgress(),
     )
     return _as_dict(result)

@@ -44,14 +44,9 @@ from components import tracking
 from components.cli import run_cli
 from components.config import Config, load_config
 from components.errors import ConfigError
-from flows.finetune import (
-    link_registered_version,
-    mlflow_ui_url,
-    pipeline_run,
-    registration_text,
-    run_stage,
-)
+from components.registry import registration_text
 from flows.logs import show_project_logs
+from flows.orchestration import link_registered_version, pipeline_run, run_stage
 from flows.stages import register_stage
 
 POLL_SECONDS = 2.0
@@ -250,7 +245,7 @@ def _publish(
     ranked = [rows[i] for i in order] + [row for row in rows if row["rank"] is None]
     create_table_artifact(ranked, key="sweep-ranking", description=f"Sweep {flow_run.name}: best first")
     create_link_artifact(
-        tracking.run_url(cfg, mlflow_ui_url(cfg), run_id),
+        tracking.run_url(cfg, run_id),
         link_text=f"MLflow sweep run {run_id}",
         key="mlflow-sweep-run",
     )

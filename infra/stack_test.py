@@ -1,9 +1,9 @@
-"""`make stack-test`: the containerised path end to end, as a user runs it (README "Local stack").
+"""`make stack-test`: the containerised path end to end, as a user runs it (docs/local-stack.md).
 
 Brings up infra/docker-compose.yml (images from `make images`), deploys the docker variant of
 deploy/prefect.yaml, runs the production deployment ``finetune/cityscapes`` on the demo recipe (the same
 job template; only the job variable ``container_create_kwargs`` differs: no GPU device request) and
-checks what the README promises: flow-run containers of the project image started by the docker worker,
+checks what the docs promise: flow-run containers of the project image started by the docker worker,
 as the non-root user, on the named volumes; a champion in MLflow above the baseline; its ONNX and PyTorch
 artifacts in the bucket (listed with the least-privilege key); host-side inference through the MLflow
 server; a second run whose flow-run container is SIGKILLed mid-training: Crashed in Prefect, one alert

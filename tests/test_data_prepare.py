@@ -11,7 +11,13 @@ import pytest
 
 from components.config import DataConfig, SyntheticConfig
 from components.data.__main__ import main
-from components.data.prepare import SYNTHETIC_MARKER, dataset_fingerprint, prepare_dataset
+from components.data.prepare import (
+    SYNTHETIC_MARKER,
+    dataset_fingerprint,
+    mark_prepared,
+    prepare_dataset,
+    unchanged_preparation,
+)
 from components.errors import DataError
 
 SMALL = SyntheticConfig(train=4, val=2, height=32, width=64, cities=2, seed=0)
@@ -71,6 +77,19 @@ def test_fingerprint_follows_names_and_sizes(synthetic_root: Path, tmp_path: Pat
     image = sorted(copy.glob("leftImg8bit/val/*/*.png"))[0]
     image.write_bytes(image.read_bytes() + b"\0")
     assert dataset_fingerprint(copy) != dataset_fingerprint(synthetic_root)
+
+
+def test_a_marked_preparation_is_unchanged_until_the_files_or_the_config_change(tmp_path: Path) -> None:
+    data = DataConfig(source="synthetic", root=str(tmp_path / "data"), synthetic=SMALL, trainid_workers=1)
+    prepared = prepare_dataset(data)
+    assert unchanged_preparation(data) is None, "not marked yet"
+    mark_prepared(data, prepared)
+    assert unchanged_preparation(data) == prepared
+
+    other_seed = data.model_copy(update={"synthetic": SMALL.model_copy(update={"seed": 1})})
+    assert unchanged_preparation(other_seed) is None
+    next(Path(prepared.root).glob("gtFine/val/*/*_labelTrainIds.png")).unlink()
+    assert unchanged_preparation(data) is None, "a lost label changes the fingerprint"
 
 
 @pytest.mark.slow

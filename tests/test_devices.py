@@ -99,7 +99,8 @@ def test_cpu_never_tries_cuda_and_unknown_devices_are_refused(tiny_onnx: str) ->
 def test_predict_auto_records_the_cpu_provider_and_cuda_writes_nothing(
     tiny_onnx: str, images: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from components.predict import main, read_manifest, segment_inputs
+    from components.predict import read_manifest, segment_inputs
+    from components.predict.__main__ import main
 
     out = tmp_path / "out"
     code = main(["--model", tiny_onnx, "--input", str(images), "--output", str(out), "--device", "cuda"])

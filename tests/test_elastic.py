@@ -1,5 +1,6 @@
 """Elastic multi-node training on one machine: two torchrun agents (one rank each, gloo) meeting at a c10d
-rendezvous on 127.0.0.1, launched exactly as the Kubernetes pods launch them (``components.multinode``).
+rendezvous on 127.0.0.1, launched exactly as the Kubernetes pods launch them
+(``components.cluster.manifests``).
 
 - The two agents train like one process with the same global batch (float64, as tests/test_train_ddp.py).
 - SIGKILL one agent and its rank mid-epoch (a lost node) and start it again: the other agent's rank fails,
@@ -27,10 +28,11 @@ import torch
 
 from components import distributed
 from components.checkpoint import load_checkpoint
+from components.cluster.manifests import AGENT_ENV, torchrun_flags
 from components.config import Config
 from components.launch import launch_training
-from components.multinode import AGENT_ENV, torchrun_flags
-from components.train import TrainingError, train
+from components.train import train
+from components.train_contract import TrainingError
 from tests.s3server import free_port
 from tests.test_train import one_thread, tiny_config  # noqa: F401  (one_thread is a fixture)
 from tests.test_train_ddp import DETERMINISTIC_SPLIT, assert_trained_alike
@@ -91,7 +93,7 @@ class Agent:
 
 
 def _agents(cfg: Config, work: Path) -> list[Agent]:
-    """Two agents with the Kubernetes pods' torchrun flags and environment (``components.multinode``),
+    """Two agents with the Kubernetes pods' torchrun flags and environment (``components.cluster.manifests``),
     the rendezvous endpoint on 127.0.0.1."""
     config_path = work / "train_config.yaml"
     config_path.write_text(cfg.to_yaml())
@@ -156,7 +158,7 @@ def test_two_agents_train_like_one_process(
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     single = train(tiny_config(synthetic_root, tmp_path, *ELASTIC))
     assert_trained_alike(uninterrupted, load_checkpoint(single.last_checkpoint), epochs=EPOCHS)
-    # DDP's own timing of the gradient all-reduce is in the epoch metrics (the README's communication share).
+    # DDP's own timing of the gradient all-reduce is in the epoch metrics (docs/scale-out.md's share).
     metrics = uninterrupted["metrics"]
     assert metrics["ddp_comm_ms"] > 0 and metrics["ddp_compute_ms"] > 0
     assert 0 <= metrics["ddp_comm_exposed_share"] < 1

@@ -27,7 +27,8 @@ from components.config import load_config
 from components.data.prepare import dataset_fingerprint
 from components.errors import ConfigError
 from flows.credentials import cityscapes_credentials, export_aws_credentials
-from flows.finetune import close_abandoned_runs, finetune, iou_table, mlflow_ui_url
+from flows.finetune import finetune, iou_table
+from flows.orchestration import close_abandoned_runs
 from flows.stages import prepare_data
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -165,17 +166,6 @@ def test_iou_table_rows_in_percent() -> None:
         {"class": "mIoU", "baseline": 10.0, "finetuned": 45.67, "delta": 35.67},
     ]
     assert not any(isinstance(v, float) and math.isnan(v) for row in rows for v in row.values())
-
-
-def test_mlflow_ui_url(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert mlflow_ui_url(load_config("demo", [f"run_dir={tmp_path}"])) == "http://127.0.0.1:5000"
-    assert (
-        mlflow_ui_url(load_config("demo", ["tracking.tracking_uri=http://mlflow:5000/"]))
-        == "http://mlflow:5000"
-    )
-    cfg = load_config("demo", ["orchestration.mlflow_ui_url=https://mlflow.example.org/"])
-    assert mlflow_ui_url(cfg) == "https://mlflow.example.org"
 
 
 @pytest.mark.slow

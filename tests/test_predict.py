@@ -29,7 +29,8 @@ def images(tmp_path: Path, synthetic_root: Path) -> Path:
 @pytest.mark.slow
 def test_predict_writes_trainids_labelids_and_overlays(onnx_file: str, images: Path, tmp_path: Path) -> None:
     from components.labels import TRAIN_ID_TO_LABEL_ID
-    from components.predict import Segmenter, predict
+    from components.predict import predict
+    from components.serving import Segmenter
 
     out = tmp_path / "out"
     written = predict(onnx_file, str(images), str(out), batch_size=2, progress=False)
@@ -49,7 +50,8 @@ def test_predict_writes_trainids_labelids_and_overlays(onnx_file: str, images: P
 
 @pytest.mark.slow
 def test_large_images_are_tiled_or_resized(onnx_file: str, images: Path, tmp_path: Path) -> None:
-    from components.predict import Segmenter, predict
+    from components.predict import predict
+    from components.serving import Segmenter
 
     source = sorted(images.rglob("*.png"))[0]
     rgb = cv2.cvtColor(cv2.imread(str(source)), cv2.COLOR_BGR2RGB)

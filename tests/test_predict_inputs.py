@@ -105,7 +105,9 @@ def _upright(name: str) -> np.ndarray:
 def test_awkward_inputs_are_refused_by_name_then_skipped_with_a_manifest(
     onnx_file: str, awkward: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from components.predict import _tiled_mask, main, read_manifest, segment_inputs
+    from components.predict import read_manifest, segment_inputs
+    from components.predict.__main__ import main
+    from components.predict.run import _tiled_mask
     from components.serving import Segmenter
 
     out = tmp_path / "out"
@@ -167,6 +169,35 @@ def test_empty_folder_is_a_named_error(onnx_file: str, tmp_path: Path) -> None:
     (tmp_path / "empty" / ".hidden").mkdir(parents=True)
     with pytest.raises(DataError, match=f"no input files at {tmp_path / 'empty'}"):
         predict(onnx_file, str(tmp_path / "empty"), str(tmp_path / "out"), progress=False)
+
+
+def test_shard_manifests_merge_into_one_where_the_newest_record_wins(tmp_path: Path) -> None:
+    from components.predict import (
+        MANIFEST,
+        merge_manifests,
+        read_manifest,
+        shard_manifest_name,
+        write_manifest,
+    )
+
+    def record(name: str, status: str) -> dict[str, str]:
+        return {"input": name, "status": status}
+
+    # An earlier run's merged manifest, then two shards of a rerun (shard 1 redid b.png, now ok).
+    write_manifest(
+        str(tmp_path / MANIFEST), {"a.png": record("a.png", "ok"), "b.png": record("b.png", "failed")}
+    )
+    write_manifest(str(tmp_path / shard_manifest_name(0)), {"c.png": record("c.png", "failed")})
+    write_manifest(str(tmp_path / shard_manifest_name(1)), {"b.png": record("b.png", "ok")})
+    assert shard_manifest_name(1) == "manifest.0001.jsonl"
+
+    assert merge_manifests(str(tmp_path)) == {"ok": 2, "failed": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [MANIFEST], "the shards' manifests are folded in"
+    assert {k: r["status"] for k, r in read_manifest(str(tmp_path)).items()} == {
+        "a.png": "ok",
+        "b.png": "ok",
+        "c.png": "failed",
+    }
 
 
 @pytest.mark.slow

@@ -154,7 +154,7 @@ def test_register_promote_pull_and_serve(
     assert (predicted == expected).mean() >= 0.999
 
     # The registered pyfunc serves masks equal to the ONNX argmax.
-    from components.predict import Segmenter
+    from components.serving import Segmenter
 
     served = mlflow.pyfunc.load_model(f"models:/{NAME}@champion").predict(np.stack(rgb))
     assert served.dtype == np.uint8 and served.shape == expected.shape
@@ -237,7 +237,7 @@ def test_unreachable_server_is_a_registry_error(
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
-    monkeypatch.setattr("components.registry.time.sleep", lambda _seconds: None)
+    monkeypatch.setattr("components.tracking.registry_write.time.sleep", lambda _seconds: None)
     checkpoint, exported = shared_export(tmp_path_factory, synthetic_root)
     cfg = tiny_config(f"tracking.tracking_uri=http://127.0.0.1:{free_port()}")
     with pytest.raises(RegistryError, match=r"unreachable .* after 4 attempts"):

@@ -89,17 +89,18 @@ def exported(tmp_path_factory: pytest.TempPathFactory, synthetic_root: Path) -> 
 
 @pytest.fixture
 def backoff(monkeypatch: pytest.MonkeyPatch) -> list[float]:
-    """The delays registry.retry waits (recorded, not slept: the outage lasts until the test ends it)."""
+    """The delays registry_write.retry waits (recorded, not slept: the outage lasts until the test ends
+    it)."""
     delays: list[float] = []
     # Replace the module's `time`, not time.sleep itself: MLflow's and the gate's threads sleep too.
-    monkeypatch.setattr("components.registry.time", SimpleNamespace(sleep=delays.append))
+    monkeypatch.setattr("components.tracking.registry_write.time", SimpleNamespace(sleep=delays.append))
     return delays
 
 
 @pytest.fixture
 def client_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Clients talk to the MLflow server only; MLflow's own HTTP retries are off so registry.retry is the
-    one retry loop under test."""
+    """Clients talk to the MLflow server only; MLflow's own HTTP retries are off so registry_write.retry is
+    the one retry loop under test."""
     for name in [*TEST_CREDENTIALS, "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL"]:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")

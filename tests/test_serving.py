@@ -33,8 +33,8 @@ RGB = np.random.default_rng(0).integers(0, 255, (2, 32, 64, 3), dtype=np.uint8)
 
 
 def _pins() -> list[str]:
-    from components.registry import _pinned_requirements
     from components.serving import SERVING_REQUIREMENTS
+    from components.tracking.registry_write import _pinned_requirements
 
     return _pinned_requirements(SERVING_REQUIREMENTS)
 

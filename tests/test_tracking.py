@@ -150,6 +150,26 @@ def test_a_retry_reopens_its_pipeline_run_and_closes_what_the_killed_attempt_lef
     assert client.get_run(parent_id).info.status == "FINISHED"
 
 
+def test_a_flow_runs_pipeline_run_is_continued_by_its_retry_and_failed_by_an_error(tmp_path):
+    cfg, client = _sqlite_config(tmp_path)
+    first_attempt = tracking.pipeline_run(cfg, "f-1", "demo-resnet50", 1, {"sweep": "true"})
+    with pytest.raises(RuntimeError, match="stage failed"), first_attempt as (run_id, metrics):
+        metrics["finetuned_val_miou"] = 0.5
+        raise RuntimeError("stage failed")
+    first = client.get_run(run_id)
+    assert first.info.status == "FAILED" and first.info.run_name == "demo-resnet50"
+    assert first.data.tags[tracking.FLOW_RUN_TAG] == "f-1" and first.data.tags["sweep"] == "true"
+    assert not first.data.metrics, "a failed body logs no summary"
+
+    with tracking.pipeline_run(cfg, "f-1", "ignored on a retry", 2) as (retried_id, metrics):
+        assert client.get_run(retried_id).info.status == "RUNNING"
+        metrics["finetuned_val_miou"] = 0.5
+    assert retried_id == run_id
+    retried = client.get_run(run_id)
+    assert retried.info.status == "FINISHED" and retried.data.metrics == {"finetuned_val_miou": 0.5}
+    assert retried.data.tags[tracking.INTERRUPTED_TAG] == "flow run f-1 retried (attempt 2)"
+
+
 def test_closing_an_abandoned_pipeline_run_closes_its_stage_runs_with_the_reason(tmp_path):
     cfg, client = _sqlite_config(tmp_path)
     parent_id = tracking.start_pipeline_run(cfg, "demo-pipeline", tags={tracking.FLOW_RUN_TAG: "f-1"})
@@ -206,3 +226,15 @@ def test_no_git_warning_without_git_and_the_commit_comes_from_git_commit(tmp_pat
     run_id = result.stdout.split()[-1]
     tags = mlflow.MlflowClient(uri).get_run(run_id).data.tags
     assert tags["mlflow.source.git.commit"] == tags["git_commit"] == "0123abcd"
+
+
+def test_ui_url(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking.ui_url(load_config("demo", [f"run_dir={tmp_path}"])) == "http://127.0.0.1:5000"
+    assert (
+        tracking.ui_url(load_config("demo", ["tracking.tracking_uri=http://mlflow:5000/"]))
+        == "http://mlflow:5000"
+    )
+    cfg = load_config("demo", ["orchestration.mlflow_ui_url=https://mlflow.example.org/"])
+    assert tracking.ui_url(cfg) == "https://mlflow.example.org"
+    assert tracking.model_version_url(cfg, "seg", "3") == "https://mlflow.example.org/#/models/seg/versions/3"

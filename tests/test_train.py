@@ -16,7 +16,8 @@ from components.data.sampling import train_loader
 from components.data.transforms import check_crop_fits
 from components.errors import ConfigError
 from components.optim import build_optimizer, build_scheduler, lr_factor, param_groups
-from components.train import read_result, train
+from components.train import train
+from components.train_contract import read_result
 from components.trainer import BatchPlan, plan_batches
 from tests.conftest import prepared_synthetic
 

@@ -10,7 +10,8 @@ import torch
 
 from components.checkpoint import load_checkpoint
 from components.launch import launch_training
-from components.train import TrainingError, train
+from components.train import train
+from components.train_contract import TrainingError
 from tests.test_train import one_thread, tiny_config  # noqa: F401  (one_thread is a fixture)
 
 # Identical inputs for any split of the batch: no random augmentation, no dropout.

@@ -19,7 +19,7 @@ import torch
 
 from components.checkpoint import load_checkpoint
 from components.config import Config, load_config
-from components.train import INTERRUPTED_EXIT_CODE
+from components.train_contract import INTERRUPTED_EXIT_CODE
 from tests.conftest import prepared_synthetic
 
 REPO = Path(__file__).resolve().parent.parent

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from components.launch import launch_training, relay_progress
-from components.train import EpochProgress
+from components.launch import launch_training
+from components.train_contract import EpochProgress, relay_progress
 from tests.test_train import one_thread, tiny_config  # noqa: F401  (one_thread is a fixture)
 
 RANK0_PREFIX = "2026-12-05 11:00:00,123 INFO [rank 0] components.train: "

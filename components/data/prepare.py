@@ -3,7 +3,9 @@
 Sources: ``synthetic`` (generated into data.root, regenerated only when its settings change),
 ``download`` (cityscapes-dataset.com into data.root), ``local`` (data.uri used in place) and ``s3``
 (the data.uri mirror synced into data.root). Concurrent preparations of one root serialise on an
-exclusive ``flock`` of ``<root>/.prepare.lock``.
+exclusive ``flock`` of ``<root>/.prepare.lock``. A preparation that :func:`mark_prepared` recorded is
+found :func:`unchanged_preparation` while neither the data config nor the files changed (the data stage
+then skips the work).
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ logger = logging.getLogger(__name__)
 
 LOCK_FILE = ".prepare.lock"
 SYNTHETIC_MARKER = ".synthetic.json"
+PREPARED_MARKER = ".cityseg-prepared.json"
+"""Written into the dataset root after a successful preparation: the data config and the fingerprint."""
 SPLITS = ("train", "val")
 DATA_DIRS = ("leftImg8bit", "gtFine")
 
@@ -76,6 +80,38 @@ def dataset_fingerprint(root: str | Path) -> str:
     for relative, size in sorted((path.relative_to(root).as_posix(), path.stat().st_size) for path in files):
         digest.update(f"{relative}\t{size}\n".encode())
     return digest.hexdigest()
+
+
+def mark_prepared(data: DataConfig, prepared: PreparedDataset) -> None:
+    """Record that ``prepared`` came from ``data`` (the marker :func:`unchanged_preparation` reads)."""
+    marker = {"inputs": _preparation_inputs(data), "fingerprint": prepared.fingerprint}
+    with storage.atomic_path(Path(prepared.root) / PREPARED_MARKER) as tmp:
+        tmp.write_text(json.dumps(marker, indent=2))
+
+
+def unchanged_preparation(data: DataConfig) -> PreparedDataset | None:
+    """The recorded preparation if the config and the files on disk are still the same, else None."""
+    root = prepared_root(data)
+    marker = root / PREPARED_MARKER
+    if not marker.is_file():
+        return None
+    try:
+        previous = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return None
+    if previous.get("inputs") != _preparation_inputs(data):
+        return None
+    if dataset_fingerprint(root) != previous.get("fingerprint"):
+        return None
+    return PreparedDataset(root=str(root), fingerprint=previous["fingerprint"])
+
+
+def _preparation_inputs(data: DataConfig) -> dict[str, object]:
+    """The part of the data config that decides what the prepared dataset contains."""
+    inputs = data.model_dump(mode="json", include={"source", "uri", "root"})
+    if data.source == "synthetic":
+        inputs["synthetic"] = data.synthetic.model_dump(mode="json")
+    return inputs
 
 
 @contextlib.contextmanager

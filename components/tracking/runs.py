@@ -1,4 +1,5 @@
-"""MLflow in one home: components compute and write files, this module logs them. Only rank 0 calls in.
+"""MLflow runs: experiments, runs, params/metrics, pipeline (parent) runs and dataset lineage. Only rank 0
+calls in.
 
 The tracking URI comes from the config, then ``MLFLOW_TRACKING_URI``, then a SQLite store in the
 run directory (``mlflow ui --backend-store-uri sqlite:///runs/demo/mlflow.db`` browses it).
@@ -28,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-import torch
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunStatus, RunTag
@@ -181,6 +181,8 @@ def log_training_summary(summary: Mapping[str, Any]) -> None:
 
 
 def environment_tags() -> dict[str, str]:
+    import torch  # here only: reading the registry (components.predict) must not load torch
+
     commit = git_commit()
     tags = {
         "git_commit": commit,
@@ -275,6 +277,31 @@ def running_pipeline_runs(cfg: Config) -> dict[str, str]:
     return {run.info.run_id: run.data.tags[FLOW_RUN_TAG] for run in runs}
 
 
+@contextmanager
+def pipeline_run(
+    cfg: Config, flow_run_id: str, run_name: str, attempt: int, tags: Mapping[str, str] | None = None
+) -> Iterator[tuple[str, dict[str, float]]]:
+    """The parent run of flow run ``flow_run_id``: yields its id and a dict of summary metrics to fill,
+    logged when the body ends (status FAILED if it raised).
+
+    A retry of the flow run (``attempt`` > 1) continues the parent run of its earlier attempt, found by
+    the tag ``prefect_flow_run_id``; a first attempt starts one named ``run_name``.
+    """
+    run_id = find_pipeline_run(cfg, flow_run_id)
+    if run_id is None:
+        run_id = start_pipeline_run(cfg, run_name, tags={FLOW_RUN_TAG: flow_run_id, **(tags or {})})
+    else:
+        logger.info("flow run %s retried: continuing MLflow run %s", flow_run_id, run_id)
+        reopen_run(cfg, run_id, f"flow run {flow_run_id} retried (attempt {attempt})")
+    metrics: dict[str, float] = {}
+    try:
+        yield run_id, metrics
+    except BaseException:
+        end_pipeline_run(cfg, run_id, failed=True)
+        raise
+    end_pipeline_run(cfg, run_id, metrics)
+
+
 def reopen_run(cfg: Config, run_id: str, reason: str) -> None:
     """Continue a pipeline run (a retry of its flow run, ``reason`` says so): ``RUNNING`` again, tagged
     ``cityseg.interrupted`` (its closing reason if it was closed, else ``reason``). Its stage runs that the
@@ -347,10 +374,30 @@ def log_table_run(
         client.log_table(run_id, data=columns, artifact_file=artifact_file)
 
 
-def run_url(cfg: Config, ui_url: str, run_id: str) -> str:
+def ui_url(cfg: Config) -> str:
+    """The MLflow UI's address: ``orchestration.mlflow_ui_url``, else the tracking server's, else the
+    local ``mlflow ui`` default."""
+    if cfg.orchestration.mlflow_ui_url:
+        return cfg.orchestration.mlflow_ui_url.rstrip("/")
+    uri = cfg.resolved_tracking_uri()
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+
+
+def run_url(cfg: Config, run_id: str) -> str:
     """The MLflow UI page of a run."""
     experiment_id = mlflow.MlflowClient(cfg.resolved_tracking_uri()).get_run(run_id).info.experiment_id
-    return f"{ui_url}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"{ui_url(cfg)}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def model_version_url(cfg: Config, name: str, version: str) -> str:
+    """The MLflow UI page of a registered model version."""
+    return f"{ui_url(cfg)}/#/models/{name}/versions/{version}"
+
+
+def active_run_id() -> str | None:
+    """The id of this process's active run (None outside one)."""
+    active = mlflow.active_run()
+    return active.info.run_id if active else None
 
 
 def log_evaluation(

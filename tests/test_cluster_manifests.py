@@ -1,5 +1,6 @@
-"""Multi-node manifests: rendered from the config, valid for every supported Kubernetes version (offline
-schemas from kubernetes-validate), wired for c10d rendezvous, and free of secret values."""
+"""Multi-node manifests (components/cluster/manifests.py and the CLI): rendered from a validated job, valid
+for every supported Kubernetes version (offline schemas from kubernetes-validate), wired for c10d
+rendezvous, free of secret values; the pods' S3 mirror runs the data stage's entry point for real."""
 
 from __future__ import annotations
 
@@ -16,27 +17,27 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from components.cluster.__main__ import main as cluster_cli
+from components.cluster.manifests import (
+    SUPPORTED_KUBERNETES,
+    mirror_command,
+    rbac_manifests,
+    training_manifests,
+)
+from components.cluster.names import run_labels
+from components.cluster.rules import validate_job
 from components.config import load_config
-from components.errors import ConfigError
-from components.k8sjob import render_job, run_labels
-from components.multinode import MIRROR_SCRIPT, SUPPORTED_KUBERNETES, rbac_manifests, training_manifests
 from components.storage import join
-from flows.stages import multinode_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 S3_OUT = "train.output_dir=s3://cityseg/runs/finetune-abc"
 IMAGE = "registry.example/cityseg-ops:1a2b3c"
+TRACKING = {"MLFLOW_TRACKING_URI": "http://mlflow:5000"}
 
 
 def _render(overrides: list[str], recipe: str = "strong", job_name: str = "finetune-abc"):
-    cfg = load_config(recipe, overrides)
-    return training_manifests(
-        cfg,
-        image="registry.example/cityseg-ops:1a2b3c",
-        job_name=job_name,
-        recipe=recipe,
-        overrides=overrides,
-    )
+    job = validate_job(recipe, overrides, job_name=job_name, image=IMAGE, environ=TRACKING)
+    return training_manifests(job)
 
 
 def _k8s_finetune_deployment() -> dict[str, Any]:
@@ -66,8 +67,8 @@ def test_indexed_job_validates_against_the_kubernetes_schemas(version):
 @pytest.mark.parametrize("version", SUPPORTED_KUBERNETES)
 def test_the_kubernetes_deployment_renders_its_training_job_from_the_config(version):
     """What finetune/cityscapes-k8s submits: its parameters and pod environment, the overrides the finetune
-    flow adds (its own train.output_dir, the prepared data root, the parent MLflow run), then the train
-    stage's (flows/stages.py) and render_job, as run_training_job calls it."""
+    flow adds (its own train.output_dir, the prepared data root, the parent MLflow run), validated and
+    rendered as train_on_cluster does (which moves the local output dir to s3_run_dir)."""
     deployment = _k8s_finetune_deployment()
     recipe, overrides = deployment["parameters"]["recipe"], _k8s_deployment_overrides()
     flow_run_id = str(uuid.uuid4())
@@ -77,20 +78,15 @@ def test_the_kubernetes_deployment_renders_its_training_job_from_the_config(vers
         "data.root=/opt/cityseg/data/cityscapes",  # what the prepare stage returns in its pod
         "tracking.parent_run_id=0123456789abcdef",
     ]
-    cfg = load_config(recipe, overrides)
-    assert cfg.orchestration.multinode.enabled
-    overrides = multinode_overrides(cfg, overrides)
-    cfg = load_config(recipe, overrides)
-    assert cfg.train.output_dir == f"s3://cityseg/runs/flow-runs/{flow_run_id}/train"  # one per flow run
+    assert load_config(recipe, overrides).orchestration.multinode.enabled
     run_name = "strong-resnet50-train"
-    name, manifests = render_job(
-        cfg,
-        recipe=recipe,
-        overrides=overrides,
-        run_name=run_name,
-        labels=run_labels(str(uuid.uuid4()), run_name, flow_run_id),
-        environ=deployment["work_pool"]["job_variables"]["env"],
+    job = validate_job(
+        recipe, overrides, run_name=run_name, environ=deployment["work_pool"]["job_variables"]["env"]
     )
+    # One checkpoint folder per flow run, that every node reaches.
+    assert job.cfg.train.output_dir == f"s3://cityseg/runs/flow-runs/{flow_run_id}/train"
+    name = job.name
+    manifests = training_manifests(job, run_labels(str(uuid.uuid4()), run_name, flow_run_id))
     assert [m["kind"] for m in manifests] == ["Service", "Job"]
     for manifest in manifests:
         kubernetes_validate.validate(manifest, version, strict=True)
@@ -163,7 +159,8 @@ def test_trainjob_engine_renders_a_kubeflow_trainjob_whose_pods_mirror_the_data_
     assert (shell, flag) == ("sh", "-c")
     # The mirror the Indexed Job's init container runs (for real in the test below), then torchrun, whose
     # PET_* variables the runtime sets: no rendezvous flags of its own.
-    mirror = ["python", "-c", MIRROR_SCRIPT, "--recipe", "strong", *overrides]
+    mirror = ["python", "-m", "components.data", "prepare", "--recipe", "strong", *overrides]
+    assert mirror == mirror_command("strong", overrides)
     (init,) = _render(s3_data)[1]["spec"]["template"]["spec"]["initContainers"]
     assert init["command"] == mirror[: -len(overrides)] + s3_data
     train = ["torchrun", "-m", "components.train", "--recipe", "strong", *overrides]
@@ -179,28 +176,13 @@ def test_manifests_name_the_secret_but_never_carry_its_values(monkeypatch):
     assert "secretKeyRef" in text and "cityseg-credentials" in text
 
 
-@pytest.mark.parametrize(
-    ("overrides", "job_name", "named"),
-    [
-        (["train.output_dir=/local/runs"], "finetune-abc", "train.output_dir"),
-        ([S3_OUT, "orchestration.multinode.data_claim=null"], "finetune-abc", "data.source=s3"),
-        ([S3_OUT, "orchestration.multinode.engine=trainjob"], "finetune-abc", "data_claim='cityseg-data'"),
-        ([S3_OUT, "data.root=/mnt/cityscapes"], "finetune-abc", "data.root"),
-        ([S3_OUT], "Finetune_ABC", "DNS label"),
-        ([S3_OUT], "f" * 62, "63 characters"),
-    ],
-)
-def test_unsafe_jobs_are_refused_with_the_field_named(overrides, job_name, named):
-    with pytest.raises(ConfigError, match=named):
-        _render(overrides, job_name=job_name)
-
-
 @pytest.mark.slow
 def test_without_a_data_claim_each_pod_mirrors_the_dataset_from_s3_first(
     s3_endpoint, synthetic_root, tmp_path
 ):
-    """The init container's command, run here in a folder standing in for the image's /opt/cityseg, against
-    a real S3 endpoint (moto): the pod's data.root ends up holding the prepared dataset."""
+    """The init container's command (the data stage's own entry point, ``python -m components.data
+    prepare``), run here in a folder standing in for the image's /opt/cityseg, against a real S3 endpoint
+    (moto): the pod's data.root ends up holding the prepared dataset."""
     from components import storage
     from components.data.prepare import dataset_fingerprint
 
@@ -230,36 +212,33 @@ def test_without_a_data_claim_each_pod_mirrors_the_dataset_from_s3_first(
     for version in SUPPORTED_KUBERNETES:
         kubernetes_validate.validate(job, version, strict=True)
 
+    assert init["command"][:4] == ["python", "-m", "components.data", "prepare"]
     command = [sys.executable, *init["command"][1:]]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=True)
     assert dataset_fingerprint(tmp_path / "data" / "cityscapes") == dataset_fingerprint(synthetic_root)
 
 
-def test_node_range_is_checked_by_the_config():
-    with pytest.raises(ConfigError, match="min_nodes"):
-        load_config("strong", ["orchestration.multinode.nodes=2", "orchestration.multinode.min_nodes=3"])
-
-
-def test_cli_prints_applicable_yaml(tmp_path):
-    done = _cli("--image", "img:1", "--job-name", "ft-1", S3_OUT)
-    assert done.returncode == 0, done.stderr
-    assert [m["kind"] for m in yaml.safe_load_all(done.stdout)] == ["Service", "Job"]
-    refused = _cli("--image", "img:1", "--job-name", "ft-1")
-    assert (
-        refused.returncode == 1 and "train.output_dir" in refused.stderr and "Traceback" not in refused.stderr
-    )
-    rbac = _cli("--rbac")
-    assert rbac.returncode == 0, rbac.stderr
-    assert [m["kind"] for m in yaml.safe_load_all(rbac.stdout)] == ["Role", "RoleBinding"]
-    assert "&id" not in done.stdout + rbac.stdout  # no YAML aliases for shared objects
-
-
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "components.multinode", *args],
+def test_cli_prints_applicable_yaml(monkeypatch, capsys):
+    """``python -m components.cluster``: the job (checked by the same rules as the train stage's, with this
+    shell's endpoints) or the Role, as YAML that ``kubectl apply -f -`` takes; a refused job is one line."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    assert cluster_cli(["--image", "img:1", "--job-name", "ft-1", S3_OUT]) == 0
+    job_yaml = capsys.readouterr().out
+    (_service, job) = yaml.safe_load_all(job_yaml)
+    env = job["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert {"name": "MLFLOW_TRACKING_URI", "value": "http://mlflow:5000"} in env
+    assert cluster_cli(["--image", "img:1", "--job-name", "ft-1"]) == 1
+    refused = capsys.readouterr().err
+    assert refused.startswith("error: train.output_dir=") and "Traceback" not in refused
+    # The module's own entry point, in a process of its own.
+    rbac = subprocess.run(
+        [sys.executable, "-m", "components.cluster", "--rbac"],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=120,
     )
+    assert rbac.returncode == 0, rbac.stderr
+    assert [m["kind"] for m in yaml.safe_load_all(rbac.stdout)] == ["Role", "RoleBinding"]
+    assert "&id" not in job_yaml + rbac.stdout  # no YAML aliases for shared objects

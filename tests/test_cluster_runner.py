@@ -1,14 +1,14 @@
-"""The Kubernetes training stage (components/k8sjob.py): names, labels and state read from real
-``kubernetes.client`` models, the result read from a real S3 endpoint (moto), and whole runs through the
-real ``kubernetes`` client against tests/kubestub.py, a stub API server on which the test plays the Job
-controller. No Kubernetes cluster runs here: scheduling, the Job controller, RBAC and DNS are not tested."""
+"""Running a job on Kubernetes (components/cluster/: runner, api, logs, status): state read from real
+``kubernetes.client`` models, the result read from a real S3 endpoint (moto), and whole runs of
+``train_on_cluster`` through the real ``kubernetes`` client against tests/kubestub.py, a stub API server on
+which the test plays the Job controller. No Kubernetes cluster runs here: scheduling, the Job controller,
+RBAC and DNS are not tested."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
-import re
 import signal
 import threading
 from collections.abc import Iterator
@@ -18,22 +18,22 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from components import k8sjob, storage
+from components import storage
+from components.cluster import api as cluster_api
+from components.cluster import logs as cluster_logs
+from components.cluster import runner, train_on_cluster
+from components.cluster.manifests import rbac_manifests
+from components.cluster.names import job_name
+from components.cluster.status import JobState, job_state, pod_waiting_reason
 from components.config import load_config
 from components.errors import ConfigError
-from components.k8sjob import (
-    forwarded_env,
-    job_name,
-    job_state,
-    label_value,
-    pod_waiting_reason,
+from components.train_contract import (
+    EpochProgress,
+    TrainingError,
+    TrainingInterrupted,
+    TrainResult,
     read_result,
-    run_labels,
-    run_training_job,
 )
-from components.multinode import rbac_manifests, training_manifests
-from components.train import EpochProgress, TrainingError, TrainingInterrupted, TrainResult
-from flows.stages import multinode_overrides
 from tests.kubestub import ROUTE, KubeStub
 
 NS = "cityseg"
@@ -43,81 +43,6 @@ PODS = f"/api/v1/namespaces/{NS}/pods"
 TRAINJOBS = f"/apis/trainer.kubeflow.org/v1alpha1/namespaces/{NS}/trainjobs"
 OUTPUT = "s3://cityseg/runs/flow-runs/0b9e/train"
 RUN_NAME = "strong-resnet50-train"
-DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
-LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
-
-
-# --- names and labels -------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "run_name",
-    [RUN_NAME, "sweep-lr-2026-05-01-p12-train", "Ünïcode Run/ÄÖ_x", "42-starts-with-a-digit", "", "x" * 300],
-)
-@pytest.mark.parametrize("nodes", [2, 16, 1000])
-def test_job_names_are_dns_labels_that_leave_room_for_the_pod_index(run_name, nodes):
-    name = job_name(run_name, OUTPUT, nodes)
-    assert DNS_LABEL.match(name), name
-    assert len(f"{name}-{nodes - 1}") <= 63
-    assert name == job_name(run_name, OUTPUT, nodes)  # a retry of the run: the same job
-    cfg = load_config("strong", [f"train.output_dir={OUTPUT}", f"orchestration.multinode.nodes={nodes}"])
-    training_manifests(cfg, image="img:1", job_name=name, recipe="strong", overrides=[])  # accepted
-
-
-def test_job_names_show_the_run_and_differ_per_output_dir():
-    name = job_name(RUN_NAME, OUTPUT, 2)
-    assert name.startswith("strong-resnet50-train-")
-    assert job_name(RUN_NAME, OUTPUT.replace("0b9e", "0b9f"), 2) != name
-    # Long names of sweep points that differ only at the end stay distinct (the digest is kept).
-    long_a, long_b = "sweep-" + "a" * 80 + "-p1", "sweep-" + "a" * 80 + "-p2"
-    assert job_name(long_a, OUTPUT + "/p1", 2) != job_name(long_b, OUTPUT + "/p2", 2)
-
-
-@pytest.mark.parametrize(
-    "text", ["strong-resnet50-train", "a b/c:d", "-._edge._-", "é" * 10, "x" * 63, "x" * 64, "y" * 200]
-)
-def test_label_values_are_valid(text):
-    value = label_value(text)
-    assert LABEL_VALUE.match(value) and len(value) <= 63, value
-    if re.fullmatch(r"[A-Za-z0-9][-A-Za-z0-9_.]{0,61}[A-Za-z0-9]", text):
-        assert value == text  # valid values pass unchanged
-
-
-def test_shortened_label_values_stay_distinct():
-    assert label_value("z" * 100 + "1") != label_value("z" * 100 + "2")
-
-
-def test_run_labels_name_the_flow_run_without_prefects_own_prefix():
-    labels = run_labels("0b9e6f3c-5a1d-4a8e-9c0b-6f1e2d3c4b5a", "Sweep lr=0.01 / p3", "root-id")
-    assert labels == {
-        "cityseg-ops/flow-run-id": "0b9e6f3c-5a1d-4a8e-9c0b-6f1e2d3c4b5a",
-        "cityseg-ops/flow-run-name": "Sweep-lr-0.01-p3",
-        "cityseg-ops/root-flow-run-id": "root-id",
-    }
-    assert run_labels(None, None) == {}
-
-
-# --- the pods' environment --------------------------------------------------------------------------
-
-
-def test_pods_get_the_endpoints_but_no_credentials():
-    environ = {
-        "MLFLOW_TRACKING_URI": "http://mlflow:5000",
-        "AWS_ENDPOINT_URL_S3": "http://seaweedfs:8333",
-        "AWS_SECRET_ACCESS_KEY": "sentinel",
-        "MLFLOW_TRACKING_PASSWORD": "sentinel",
-    }
-    env = forwarded_env(environ)
-    assert env == {
-        "MLFLOW_TRACKING_URI": "http://mlflow:5000",
-        "AWS_ENDPOINT_URL_S3": "http://seaweedfs:8333",
-        "TQDM_MININTERVAL": "30",
-    }
-
-
-def test_a_url_with_credentials_is_refused():
-    with pytest.raises(ConfigError, match="MLFLOW_TRACKING_URI carries credentials"):
-        forwarded_env({"MLFLOW_TRACKING_URI": "https://user:secret@mlflow.example"})
 
 
 # --- state from real kubernetes.client models -------------------------------------------------------
@@ -157,7 +82,7 @@ def test_trainjob_state_from_its_conditions():
     trainjob = {"status": {"conditions": [{"type": "Created", "status": "True"}]}}
     assert not job_state(trainjob).finished and job_state(trainjob).summary == "Created"
     trainjob["status"]["conditions"].append({"type": "Failed", "status": "True", "reason": "TrainJobFailed"})
-    assert job_state(trainjob) == k8sjob.JobState(True, False, "TrainJobFailed", None, "Created, Failed")
+    assert job_state(trainjob) == JobState(True, False, "TrainJobFailed", None, "Created, Failed")
     assert not job_state({"metadata": {"name": "x"}}).finished
 
 
@@ -214,7 +139,7 @@ def test_without_a_cluster_the_error_says_where_it_looked(monkeypatch, tmp_path)
         "kubernetes.config.kube_config.KUBE_CONFIG_DEFAULT_LOCATION", str(tmp_path / "missing")
     )
     with pytest.raises(ConfigError, match=r"not in a pod .* no usable kube config"):
-        k8sjob.api_client()
+        cluster_api.api_client()
 
 
 def test_a_kube_config_file_is_used_outside_a_pod(monkeypatch, tmp_path):
@@ -227,41 +152,8 @@ def test_a_kube_config_file_is_used_outside_a_pod(monkeypatch, tmp_path):
     )
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     monkeypatch.setattr("kubernetes.config.kube_config.KUBE_CONFIG_DEFAULT_LOCATION", str(config_file))
-    api = k8sjob.api_client()
+    api = cluster_api.api_client()
     assert api.configuration.host == "https://k8s.example:6443"
-
-
-# --- the flow's side: checkpoints on S3, one folder per flow run --------------------------------------
-
-
-def test_a_local_output_dir_under_run_dir_moves_to_s3_run_dir():
-    overrides = [
-        "orchestration.multinode.s3_run_dir=s3://cityseg/runs",
-        "train.output_dir=runs/flow-runs/ab/train",
-    ]
-    cfg = load_config("strong", overrides)
-    moved = multinode_overrides(cfg, overrides)
-    assert moved[-1] == "train.output_dir=s3://cityseg/runs/flow-runs/ab/train"
-    assert load_config("strong", moved).train.output_dir == "s3://cityseg/runs/flow-runs/ab/train"
-    pinned = [*overrides, f"train.output_dir={OUTPUT}"]
-    assert multinode_overrides(load_config("strong", pinned), pinned) == pinned
-
-
-@pytest.mark.parametrize(
-    "overrides",
-    [
-        ["train.output_dir=runs/x"],
-        ["orchestration.multinode.s3_run_dir=s3://b/runs", "train.output_dir=/elsewhere/x"],
-    ],
-)
-def test_a_local_output_dir_without_an_s3_home_is_refused(overrides):
-    with pytest.raises(ConfigError, match="s3_run_dir"):
-        multinode_overrides(load_config("strong", overrides), overrides)
-
-
-def test_s3_run_dir_must_be_s3():
-    with pytest.raises(ConfigError, match="s3_run_dir"):
-        load_config("strong", ["orchestration.multinode.s3_run_dir=/mnt/runs"])
 
 
 # --- whole runs against the stub API server ------------------------------------------------------------
@@ -292,13 +184,11 @@ def _overrides(*extra: str) -> list[str]:
 
 
 def _run(stub: KubeStub, overrides: list[str], **kwargs: Any) -> TrainResult:
-    cfg = load_config("strong", overrides)
-    return run_training_job(
-        cfg,
-        recipe="strong",
-        overrides=overrides,
+    return train_on_cluster(
+        "strong",
+        overrides,
         run_name=RUN_NAME,
-        labels=run_labels("0b9e6f3c-5a1d-4a8e-9c0b-6f1e2d3c4b5a", RUN_NAME),
+        flow_run_id="0b9e6f3c-5a1d-4a8e-9c0b-6f1e2d3c4b5a",
         api=stub.api,
         poll_s=0.05,
         **kwargs,
@@ -338,7 +228,7 @@ def _finish(stub: KubeStub, name: str, kind: str = "Complete", reason: str | Non
 
 
 def _assert_the_role_allows_every_call(stub: KubeStub, engine: str) -> None:
-    """Each request the run made is granted by `python -m components.multinode --rbac`'s Role."""
+    """Each request the run made is granted by `python -m components.cluster --rbac`'s Role."""
     role, _ = rbac_manifests(load_config("strong", [f"orchestration.multinode.engine={engine}"]))
     granted = {
         (group, resource, verb)
@@ -361,12 +251,14 @@ def _pod_lists(stub: KubeStub) -> list[str]:
 
 def _pod0_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [
-        r.getMessage() for r in caplog.records if r.name == "components.k8sjob" and "[rank" in r.getMessage()
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "components.cluster.logs" and "[rank" in r.getMessage()
     ]
 
 
 def test_a_job_runs_to_its_result_with_pod0s_log_relayed_and_is_deleted(stub, job_env, caplog):
-    caplog.set_level(logging.INFO, logger="components.k8sjob")
+    caplog.set_level(logging.INFO, logger="components.cluster")
     name = job_name(RUN_NAME, OUTPUT, 2)
 
     def controller() -> None:
@@ -417,7 +309,7 @@ def test_a_job_runs_to_its_result_with_pod0s_log_relayed_and_is_deleted(stub, jo
 
 
 def test_a_replaced_pod0_and_a_dropped_stream_relay_every_line_once(stub, job_env, caplog):
-    caplog.set_level(logging.INFO, logger="components.k8sjob")
+    caplog.set_level(logging.INFO, logger="components.cluster")
     name = job_name(RUN_NAME, OUTPUT, 2)
 
     def controller() -> None:
@@ -556,7 +448,7 @@ def test_a_job_deleted_by_someone_else_fails_the_run(stub, job_env):
     [("InvalidImageName", 3600.0), ("ImagePullBackOff", 0.3)],  # never starts; still failing after the grace
 )
 def test_a_pod_that_cannot_pull_its_image_fails_the_run(stub, job_env, monkeypatch, reason, grace_s):
-    monkeypatch.setattr(k8sjob, "IMAGE_PULL_GRACE_S", grace_s)
+    monkeypatch.setattr(cluster_logs, "IMAGE_PULL_GRACE_S", grace_s)
     name = job_name(RUN_NAME, OUTPUT, 2)
     waiting = {"reason": reason, "message": "registry.example/cityseg-ops:1a2b3c"}
 
@@ -580,12 +472,12 @@ def test_a_pod_that_cannot_pull_its_image_fails_the_run(stub, job_env, monkeypat
 
 def test_missing_rbac_is_named(stub, job_env):
     stub.refuse[("POST", "jobs")] = 403
-    with pytest.raises(TrainingError, match=r"HTTP 403.*forbidden.*multinode --rbac"):
+    with pytest.raises(TrainingError, match=r"HTTP 403.*forbidden.*components.cluster --rbac"):
         _run(stub, _overrides())
 
 
 def test_the_trainjob_engine_runs_through_the_custom_objects_api(stub, job_env, caplog):
-    caplog.set_level(logging.INFO, logger="components.k8sjob")
+    caplog.set_level(logging.INFO, logger="components.cluster")
     name = job_name(RUN_NAME, OUTPUT, 2)
 
     def controller() -> None:
@@ -626,11 +518,11 @@ def test_jobs_the_pods_could_not_run_are_refused_before_submitting(monkeypatch, 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
     for key, value in change.get("env", {}).items():
         monkeypatch.setenv(key, value)
+    """The rules (tests/test_cluster_rules.py) apply to the run, with this process's environment, before
+    any API call (``api`` is no client)."""
     overrides = [*_overrides(), f"run_dir={tmp_path}", *change.get("overrides", [])]
-    cfg = load_config("strong", overrides)
     with pytest.raises(ConfigError, match=named.replace(" ", ".*")):
-        run_training_job(cfg, recipe=change.get("recipe", "strong"), overrides=overrides, run_name=RUN_NAME,
-                         api=object())  # fmt: skip
+        train_on_cluster(change.get("recipe", "strong"), overrides, run_name=RUN_NAME, api=object())
 
 
 # --- the train stage in a Prefect flow run ------------------------------------------------------------
@@ -666,7 +558,7 @@ def test_the_train_stage_submits_the_job_and_its_flow_run_logs_pod0s_lines(
     )
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     monkeypatch.setattr("kubernetes.config.kube_config.KUBE_CONFIG_DEFAULT_LOCATION", str(kube_config))
-    monkeypatch.setattr(k8sjob, "POLL_S", 0.2)
+    monkeypatch.setattr(runner, "POLL_S", 0.2)
     output = f"s3://cityseg/runs/flow-runs/{tmp_path.name}/train"
 
     def controller() -> None:

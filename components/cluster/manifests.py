@@ -1,8 +1,5 @@
-"""Multi-node training on Kubernetes: the manifests of one training job, rendered from the typed config.
-
-    python -m components.multinode --recipe strong --image <registry>/cityseg-ops:<tag> \\
-        --job-name finetune-<flow-run> train.output_dir=s3://bucket/runs/<run> > job.yaml
-    python -m components.multinode --rbac > rbac.yaml   # the Role the flow's pod needs to run such jobs
+"""The Kubernetes manifests of one multi-node training job, rendered from a validated ``ClusterJob``
+(``components/cluster/rules.py``), and the launcher Role.
 
 ``orchestration.multinode.engine`` picks the engine, each an existing one:
 
@@ -12,43 +9,26 @@
 * ``trainjob``: a Kubeflow Trainer ``TrainJob`` on the ``torch-distributed`` runtime, which sets torchrun's
   ``PET_*`` variables itself; its pods mirror the dataset from S3 (``data_claim`` must be null).
 
-Manifests name the credentials Secret, never its values; plain settings (the MLflow and S3 endpoints)
-come as ``env`` values. Nodes share no disk, so a multi-node job must checkpoint to ``s3://`` (any node, or
-a replacement pod, resumes from it). ``components/k8sjob.py`` submits and follows the job from the flow.
+Without a data claim, each pod first runs ``python -m components.data prepare`` (``mirror_command``), the
+data stage's own entry point: it mirrors ``data.uri`` into the pod's ``data.root``. Manifests name the
+credentials Secret, never its values; plain settings (the MLflow and S3 endpoints) come as ``env`` values.
 """
 
 from __future__ import annotations
 
-import argparse
-import posixpath
-import re
 import shlex
-import sys
-from collections.abc import Mapping
 from typing import Any
 
 import yaml
 
-from components.cli import run_cli
-from components.config import Config, MultiNodeConfig, load_config
-from components.errors import ConfigError
-from components.storage import is_s3
+from components.cluster.names import APP_LABELS, LAUNCHER_ROLE, job_labels
+from components.cluster.rules import CONTAINER_DATA, CONTAINER_WORKDIR, ClusterJob
+from components.config import Config, MultiNodeConfig
 
-CONTAINER_WORKDIR = "/opt/cityseg"  # the image's WORKDIR: relative config paths start here
 CONTAINER_RUNS = "/opt/cityseg/runs"
-CONTAINER_DATA = "/opt/cityseg/data"
-MIRROR_SCRIPT = (
-    "import sys; from components.config import load_config; "
-    "from components.data.prepare import prepare_dataset; "
-    "prepare_dataset(load_config(sys.argv[2], sys.argv[3:]).data)"
-)
-"""What each pod of a job without a data claim runs first (the Indexed Job's init container, the TrainJob's
-trainer before torchrun): mirror data.uri into the pod's data.root."""
 IMAGE_UID = 10001  # the image's non-root user (Dockerfile)
 TRAINJOB_GROUP, TRAINJOB_VERSION, TRAINJOB_PLURAL = "trainer.kubeflow.org", "v1alpha1", "trainjobs"
 TRAINJOB_API = f"{TRAINJOB_GROUP}/{TRAINJOB_VERSION}"
-LAUNCHER_ROLE = "cityseg-training-launcher"
-"""Role (``--rbac``) that lets the flow's pod submit, follow and delete training jobs in its namespace."""
 SUPPORTED_KUBERNETES = ("1.31", "1.32", "1.33", "1.34", "1.35", "1.36", "1.37")
 """Cluster versions whose API schemas the rendered Service and Job are validated against (CI, offline)."""
 AGENT_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
@@ -62,75 +42,38 @@ CREDENTIAL_KEYS = (
     "MLFLOW_TRACKING_PASSWORD",
 )
 """Secret keys passed to the pods as environment variables when present (``optional``)."""
-_DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
 
-def training_manifests(
-    cfg: Config,
-    *,
-    image: str,
-    job_name: str,
-    recipe: str,
-    overrides: list[str],
-    labels: dict[str, str] | None = None,
-    env: Mapping[str, str] | None = None,
-) -> list[dict[str, Any]]:
-    """The Kubernetes objects of one multi-node training job for ``cfg`` (already loaded from
-    ``recipe`` + ``overrides``, which the pods receive again: only the config's source travels).
-    ``env``: plain, non-secret environment values for the pods (endpoints); credentials come from the
-    Secret only."""
-    settings = cfg.orchestration.multinode
-    _check(cfg, settings, job_name)
-    all_labels = {"app.kubernetes.io/name": "cityseg-ops", "app.kubernetes.io/component": "training"}
-    all_labels |= {"cityseg-ops/job": job_name} | (labels or {})
-    train_args = ["-m", "components.train", "--recipe", recipe, *overrides]
-    plain_env = [{"name": name, "value": value} for name, value in {**AGENT_ENV, **(env or {})}.items()]
-    mirror_command = ["python", "-c", MIRROR_SCRIPT, "--recipe", recipe, *overrides]
+def training_manifests(job: ClusterJob, labels: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """The Kubernetes objects of ``job``: its pods receive the job's recipe + overrides again (only the
+    config's source travels) and its plain ``env``; credentials come from the Secret only. ``labels`` are
+    added to the app's and the job's own (values made valid)."""
+    settings = job.cfg.orchestration.multinode
+    all_labels = job_labels(job.name, labels)
+    train_args = ["-m", "components.train", "--recipe", job.recipe, *job.overrides]
+    plain_env = [{"name": name, "value": value} for name, value in {**AGENT_ENV, **job.env}.items()]
+    mirror = mirror_command(job.recipe, job.overrides)
     if settings.engine == "trainjob":
         # The TrainJob API offers no init container or volume that holds across Trainer releases (its pod
         # overrides were renamed and reshaped): the trainer container mirrors the data, then runs torchrun.
-        mirror_then_train = f"{shlex.join(mirror_command)} && exec {shlex.join(['torchrun', *train_args])}"
+        mirror_then_train = f"{shlex.join(mirror)} && exec {shlex.join(['torchrun', *train_args])}"
         command = ["sh", "-c", mirror_then_train]
-        return [_train_job(settings, image, job_name, all_labels, command, plain_env)]
-    endpoint = f"{job_name}-0.{job_name}:{settings.rdzv_port}"
-    command = ["torchrun", *torchrun_flags(settings, endpoint, rdzv_id=job_name), *train_args]
-    job = _indexed_job(settings, image, job_name, all_labels, command, plain_env)
+        return [_train_job(settings, job.image, job.name, all_labels, command, plain_env)]
+    endpoint = f"{job.name}-0.{job.name}:{settings.rdzv_port}"
+    command = ["torchrun", *torchrun_flags(settings, endpoint, rdzv_id=job.name), *train_args]
+    indexed_job = _indexed_job(settings, job.image, job.name, all_labels, command, plain_env)
     if settings.data_claim is None:  # each pod mirrors the dataset from S3 before training starts
-        mirror = _container(settings, image, mirror_command, plain_env, gpus=False)
-        del mirror["ports"]
-        job["spec"]["template"]["spec"]["initContainers"] = [{**mirror, "name": "data"}]
-    return [_headless_service(settings, job_name, all_labels), job]
+        init = _container(settings, job.image, mirror, plain_env, gpus=False)
+        del init["ports"]
+        indexed_job["spec"]["template"]["spec"]["initContainers"] = [{**init, "name": "data"}]
+    return [_headless_service(settings, job.name, all_labels), indexed_job]
 
 
-def _check(cfg: Config, settings: MultiNodeConfig, job_name: str) -> None:
-    # Pod hostnames are "<job>-<index>": both must be DNS labels of at most 63 characters.
-    if not _DNS_LABEL.match(job_name) or len(job_name) + 1 + len(str(settings.nodes - 1)) > 63:
-        raise ConfigError(
-            f"job name {job_name!r} must be a DNS label (lowercase letters, digits, '-'), short enough that "
-            f"'<name>-{settings.nodes - 1}' fits in 63 characters"
-        )
-    if settings.nodes > 1 and not is_s3(cfg.train.output_dir):
-        raise ConfigError(
-            f"train.output_dir={cfg.train.output_dir!r}: a multi-node job needs an s3:// output_dir so that "
-            "any node can resume from the checkpoints"
-        )
-    if settings.engine == "trainjob" and settings.data_claim is not None:
-        raise ConfigError(
-            f"orchestration.multinode.data_claim={settings.data_claim!r}: the trainjob engine mounts no "
-            "claim (its pods mirror the data from S3): set orchestration.multinode.data_claim=null "
-            "data.source=s3 data.uri=s3://bucket/cityscapes, or use engine=indexed-job"
-        )
-    if settings.data_claim is None and cfg.data.source != "s3":
-        raise ConfigError(
-            "orchestration.multinode.data_claim is None, so the data must come from the S3 mirror: "
-            "set data.source=s3 data.uri=s3://bucket/cityscapes (or name a read-many data claim)"
-        )
-    root = posixpath.normpath(posixpath.join(CONTAINER_WORKDIR, cfg.data.root))
-    if not root.startswith(f"{CONTAINER_DATA}/"):
-        raise ConfigError(
-            f"data.root={cfg.data.root!r} is {root} in the pods, outside {CONTAINER_DATA} where the data "
-            "claim (or the S3 mirror) is: use a data.root under it, e.g. data/cityscapes"
-        )
+def mirror_command(recipe: str, overrides: list[str]) -> list[str]:
+    """What each pod of a job without a data claim runs first (the Indexed Job's init container, the
+    TrainJob's trainer before torchrun): the data stage's entry point, which mirrors data.uri into the
+    pod's data.root, writes the trainId labels and validates them."""
+    return ["python", "-m", "components.data", "prepare", "--recipe", recipe, *overrides]
 
 
 def torchrun_flags(settings: MultiNodeConfig, endpoint: str, rdzv_id: str) -> list[str]:
@@ -287,9 +230,9 @@ def _train_job(
 
 def rbac_manifests(cfg: Config) -> list[dict[str, Any]]:
     """Role + RoleBinding for the flow's pod (``service_account``, the work pool's default too): exactly
-    the calls ``components/k8sjob.py`` makes in ``namespace``. The training pods mount no token."""
+    the calls ``components/cluster/api.py`` makes in ``namespace``. The training pods mount no token."""
     settings = cfg.orchestration.multinode
-    labels = {"app.kubernetes.io/name": "cityseg-ops", "app.kubernetes.io/component": "training-launcher"}
+    labels = {**APP_LABELS, "app.kubernetes.io/component": "training-launcher"}
     crud = ["create", "get", "delete"]
     if settings.engine == "trainjob":
         job_rules = [{"apiGroups": [TRAINJOB_GROUP], "resources": [TRAINJOB_PLURAL], "verbs": crud}]
@@ -329,45 +272,3 @@ class _PlainDumper(yaml.SafeDumper):
 
 def to_yaml(manifests: list[dict[str, Any]]) -> str:
     return yaml.dump_all(manifests, Dumper=_PlainDumper, sort_keys=False)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m components.multinode",
-        description="Print the Kubernetes manifests of a multi-node training job (kubectl apply -f -).",
-    )
-    parser.add_argument("--recipe", default="strong", help="recipe name or YAML path")
-    parser.add_argument(
-        "--image",
-        help="the project image, e.g. <registry>/cityseg-ops:<sha> (default: orchestration.multinode.image)",
-    )
-    parser.add_argument("--job-name", help="DNS label naming the job, its Service and pods")
-    parser.add_argument(
-        "--rbac", action="store_true", help="print the Role + RoleBinding the flow's pod needs instead"
-    )
-    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. orchestration.multinode.nodes=4")
-    args = parser.parse_args(argv)
-    if not args.rbac and not args.job_name:
-        parser.error("--job-name is required (or --rbac)")
-
-    def render() -> None:
-        cfg = load_config(args.recipe, args.overrides)
-        if args.rbac:
-            manifests = rbac_manifests(cfg)
-        else:
-            image = args.image or cfg.orchestration.multinode.image
-            if not image:
-                raise ConfigError("pass --image or set orchestration.multinode.image")
-            manifests = training_manifests(
-                cfg, image=image, job_name=args.job_name, recipe=args.recipe, overrides=args.overrides
-            )
-        sys.stdout.write(
-            f"# rendered by: python -m components.multinode {shlex.join(argv or sys.argv[1:])}\n"
-        )
-        sys.stdout.write(to_yaml(manifests))
-
-    return run_cli(render)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,0 +1,223 @@
+"""Segmenting a batch: decode, batch by size, tile or resize large images, write trainIds/labelIds/overlay
+PNGs, and record every input in the manifest after every batch."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from components import storage
+from components.errors import DataError
+from components.labels import colorize, trainid_to_labelid_lut
+from components.predict.inputs import (
+    MAX_PIXELS,
+    InputRef,
+    check_collisions,
+    find_problems,
+    list_inputs,
+    materialise,
+    read_rgb,
+    refuse,
+)
+from components.predict.manifest import (
+    FAILED,
+    MANIFEST,
+    OK,
+    ModelId,
+    is_done,
+    model_fields,
+    read_manifest,
+    write_manifest,
+)
+from components.predict.model_file import resolve_model
+from components.serving import Segmenter
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PredictSummary:
+    model: ModelId
+    output: str
+    manifest: str
+    segmented: list[str] = field(default_factory=list)
+    """The trainId PNGs written by this call."""
+    resumed: int = 0
+    """Inputs skipped because the manifest lists them as done with this model version."""
+    failed: dict[str, str] = field(default_factory=dict)
+    """input -> reason, for inputs skipped with skip_bad."""
+    seconds: float = 0.0
+    provider: str = ""
+    """The onnxruntime execution provider that ran the model (CUDAExecutionProvider, CPUExecutionProvider)."""
+
+    @property
+    def images_per_second(self) -> float:
+        return len(self.segmented) / self.seconds if self.seconds else 0.0
+
+
+def predict(model_uri: str, inputs: str, output_dir: str, **options: Any) -> list[Path]:
+    """Segment every image under ``inputs`` into ``output_dir`` (local); returns the trainId PNGs written.
+    See :func:`segment_inputs` for the options."""
+    return [Path(path) for path in segment_inputs(model_uri, inputs, output_dir, **options).segmented]
+
+
+def segment_inputs(
+    model_uri: str,
+    inputs: str | list[InputRef],
+    output: str,
+    *,
+    batch_size: int = 4,
+    max_side: int = 2048,
+    large: str = "tile",
+    max_pixels: int = MAX_PIXELS,
+    skip_bad: bool = False,
+    overlays: bool = True,
+    manifest_name: str = MANIFEST,
+    cache_dir: str | None = None,
+    device: str = "auto",
+    precision: str = "fp32",
+    progress: bool = True,
+) -> PredictSummary:
+    """Segment ``inputs`` (a folder, glob or s3:// prefix, or listed InputRefs) into ``output`` (a folder
+    or s3:// prefix) and record every input in ``<output>/<manifest_name>``; see ``components.predict``."""
+    if large not in ("tile", "resize"):
+        raise ValueError(f"large must be 'tile' or 'resize', got {large!r}")
+    refs = list_inputs(inputs) if isinstance(inputs, str) else inputs
+    check_collisions(refs)
+    onnx_path, model = resolve_model(model_uri, cache_dir, precision)
+    segmenter = Segmenter(onnx_path, device)
+    manifest = read_manifest(output)
+    records = {source: record for source, record in manifest.items() if source in {r.source for r in refs}}
+    todo = [ref for ref in refs if not is_done(records.get(ref.source), model)]
+    summary = PredictSummary(model, output, storage.join(output, manifest_name), provider=segmenter.provider)
+    summary.resumed = len(refs) - len(todo)
+    if summary.resumed:
+        logger.info("%d of %d inputs already done with %s v%s: skipped", summary.resumed, len(refs),
+                    model.name, model.version)  # fmt: skip
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="cityseg-predict-") as scratch:
+        local = {ref.source: materialise(ref, Path(scratch)) for ref in todo}
+        problems = find_problems(local, max_pixels)
+        if problems and not skip_bad:
+            refuse(problems)
+        for source, problem in problems.items():
+            logger.warning("skipping %s: %s", source, problem)
+            records[source] = {
+                "input": source,
+                "outputs": {},
+                "status": FAILED,
+                "error": problem,
+                **model_fields(model),
+            }
+            summary.failed[source] = problem
+        good = [ref for ref in todo if ref.source not in problems]
+        with tqdm(total=len(good), desc="predict", unit="img", disable=not progress) as bar:
+            for batch in _batches(good, local, batch_size, max_side):
+                decoded = [read_rgb(local[ref.source]) for ref in batch]
+                pixels = [rgb for rgb, _ in decoded]
+                masks = _segment(segmenter, pixels, max_side, large)
+                for ref, (rgb, orientation), mask in zip(batch, decoded, masks, strict=True):
+                    outputs = _write_outputs(output, ref.relative, rgb, mask, overlays)
+                    records[ref.source] = {
+                        "input": ref.source, "outputs": outputs, "status": OK,
+                        "width": int(mask.shape[1]), "height": int(mask.shape[0]),
+                        "exif_orientation": orientation, "provider": segmenter.provider,
+                        **model_fields(model),
+                    }  # fmt: skip
+                    summary.segmented.append(outputs["trainIds"])
+                # Recorded after every batch: an interrupted run resumes from here.
+                write_manifest(summary.manifest, records)
+                bar.update(len(batch))
+    write_manifest(summary.manifest, records)
+    summary.seconds = time.perf_counter() - started
+    logger.info(
+        "segmented %d images (%d done before, %d failed) into %s with %s v%s on %s",
+        len(summary.segmented), summary.resumed, len(summary.failed), output, model.name, model.version,
+        summary.provider,
+    )  # fmt: skip
+    return summary
+
+
+def _batches(
+    refs: list[InputRef], local: dict[str, Path], batch_size: int, max_side: int
+) -> Iterator[list[InputRef]]:
+    """Consecutive images of one size share a batch; a large image goes alone (its tiles are batched)."""
+    from PIL import Image
+
+    batch: list[InputRef] = []
+    size: tuple[int, int] | None = None
+    for ref in refs:
+        with Image.open(local[ref.source]) as opened:
+            this = opened.size
+            if int(opened.getexif().get(0x0112, 1)) in (5, 6, 7, 8):  # rotated by 90 degrees when read
+                this = this[::-1]
+        if batch and (this != size or len(batch) == batch_size or max(this) > max_side):
+            yield batch
+            batch = []
+        batch.append(ref)
+        size = this
+    if batch:
+        yield batch
+
+
+def _segment(segmenter: Segmenter, pixels: list[np.ndarray], max_side: int, large: str) -> list[np.ndarray]:
+    height, width = pixels[0].shape[:2]
+    if max(height, width) <= max_side:
+        return list(segmenter.masks(np.stack(pixels)))
+    (rgb,) = pixels
+    if large == "resize":
+        scale = max_side / max(height, width)
+        small = cv2.resize(rgb, (round(width * scale), round(height * scale)), interpolation=cv2.INTER_AREA)
+        mask = segmenter.masks(small[None])[0]
+        return [cv2.resize(mask, (width, height), interpolation=cv2.INTER_NEAREST)]
+    return [_tiled_mask(segmenter, rgb, max_side)]
+
+
+def _tiled_mask(segmenter: Segmenter, rgb: np.ndarray, tile: int, batch_size: int = 4) -> np.ndarray:
+    """Overlapping tile x tile windows (a third overlap); logits summed per pixel, then argmax."""
+    height, width = rgb.shape[:2]
+    windows = [(y, x) for y in _starts(height, tile) for x in _starts(width, tile)]
+    th, tw = min(tile, height), min(tile, width)
+    total: np.ndarray | None = None
+    for i in range(0, len(windows), batch_size):
+        chunk = windows[i : i + batch_size]
+        logits = segmenter.logits(np.stack([rgb[y : y + th, x : x + tw] for y, x in chunk]))
+        if total is None:
+            total = np.zeros((logits.shape[1], height, width), dtype=np.float32)
+        for (y, x), window in zip(chunk, logits, strict=True):
+            total[:, y : y + th, x : x + tw] += window
+    return total.argmax(0).astype(np.uint8)
+
+
+def _starts(length: int, tile: int) -> list[int]:
+    if length <= tile:
+        return [0]
+    stride = max(1, tile * 2 // 3)
+    starts = list(range(0, length - tile, stride))
+    return [*starts, length - tile]
+
+
+def _write_outputs(
+    output: str, relative: str, rgb: np.ndarray, mask: np.ndarray, overlays: bool
+) -> dict[str, str]:
+    arrays = {"trainIds": mask, "labelIds": trainid_to_labelid_lut()[mask]}
+    if overlays:
+        overlay = cv2.addWeighted(rgb, 0.5, colorize(mask), 0.5, 0)
+        arrays["overlay"] = cv2.cvtColor(overlay, cv2.COLOR_RGB2BGR)
+    written = {}
+    for folder, array in arrays.items():
+        ok, encoded = cv2.imencode(".png", array)
+        if not ok:
+            raise DataError(f"cannot encode the {folder} PNG for {relative}")
+        written[folder] = storage.join(output, folder, relative)
+        storage.write_bytes(written[folder], encoded.tobytes())
+    return written
