@@ -1,7 +1,7 @@
 """Local paths and ``s3://`` URIs behind one small API; every write is atomic (temp file + rename).
 
 S3 settings come from the standard AWS variables (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
-``AWS_DEFAULT_REGION``) plus an endpoint for S3-compatible stores such as MinIO
+``AWS_DEFAULT_REGION``) plus an endpoint for S3-compatible stores (the local stack's SeaweedFS, MinIO, ...)
 (``AWS_ENDPOINT_URL_S3``, ``AWS_ENDPOINT_URL`` or ``MLFLOW_S3_ENDPOINT_URL``, first one set wins).
 """
 
