@@ -1,6 +1,6 @@
 """Run the benchmarks, print the table, write ``bench/results.json`` and ``bench/RESULTS.md``.
 
-    python -m bench.run                      # everything (make bench), ~20 min on 2 cores
+    python -m bench.run                      # everything (make bench), ~25 min on 2 cores
     python -m bench.run --only evaluation    # one benchmark
 
 Every row is ours vs the reference measured side by side in this process on the project's synthetic
@@ -29,7 +29,7 @@ from bench.common import Row, machine, source_commit, synthetic_dataset
 logger = logging.getLogger(__name__)
 
 BENCH_DIR = Path(__file__).parent
-BENCHMARKS = ("input", "trainids", "evaluation", "inference")
+BENCHMARKS = ("input", "trainids", "evaluation", "inference", "manifest")
 GPU_HEADING = "## GPU check"
 OLD_GPU_JSON = BENCH_DIR / "gpu_results_old_code.json"
 """The GPU rows of 2026-11-26 (torch 2.11, before the training step was rewritten): kept until
@@ -83,6 +83,10 @@ def run_benchmarks(
             add(
                 bench_predict_path(root, work_dir / "inference", repeats=min(repeats, 3), precision=precision)
             )
+    if "manifest" in only:
+        from bench.manifest import bench_manifest
+
+        add(bench_manifest(work_dir / "manifest"))
     return rows
 
 

@@ -3,7 +3,9 @@
 The exported graph maps ``image`` (N x 3 x H x W float32, RGB, ImageNet-normalised; N, H and W dynamic)
 to ``logits`` (N x num_classes x H x W). Its ``metadata_props`` (JSON strings) describe everything a
 consumer needs: class names, trainIds, palette, trainId->labelId map, mean/std, input layout, opset,
-exporter, source run id and git commit. The file only reaches ``out_path`` once the gate passed.
+exporter, source run id and git commit. The file only reaches ``out_path`` once the gate passed, and so
+do the variants beside it (``model.fp16.onnx`` with ``export.fp16``, ``model.int8.onnx`` with
+``export.int8``), each behind its own gate; a variant an earlier export left there is removed.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from components.cli import run_cli
 from components.config import Config, load_config
 from components.errors import ExportError
 from components.labels import CLASS_NAMES, PALETTE, TRAIN_ID_TO_LABEL_ID
-from components.serving import DEVICES, check_device, open_session, variant_path
+from components.serving import DEVICES, PRECISIONS, check_device, open_session, variant_path
 
 logger = logging.getLogger(__name__)
 
@@ -124,11 +126,12 @@ def export_onnx(
             metadata=metadata,
             provider=provider,
         )
+        staged_variants: dict[str, Path] = {}
         if cfg.export.fp16:
-            staged16 = Path(tmp) / "model.fp16.onnx"
-            convert_fp16(staged, staged16)
+            staged_variants["fp16"] = Path(tmp) / "model.fp16.onnx"
+            convert_fp16(staged, staged_variants["fp16"])
             result.fp16_parity, _ = check_parity(
-                staged16,
+                staged_variants["fp16"],
                 net,
                 batches,
                 cfg.export.fp16_max_abs_diff,
@@ -136,19 +139,36 @@ def export_onnx(
                 "fp16",
                 device,
             )
-            result.fp16_path = variant_path(str(out_path), "fp16")
-            storage.upload(staged16, result.fp16_path)
         if cfg.export.int8:
-            staged8 = Path(tmp) / "model.int8.onnx"
-            quantize_int8(staged, staged8, calibration_batches(data_root, cfg))
+            staged_variants["int8"] = Path(tmp) / "model.int8.onnx"
+            quantize_int8(
+                staged,
+                staged_variants["int8"],
+                calibration_batches(data_root, cfg),
+                cfg.export.int8_float_max_stride,
+            )
             # Quantization shifts every logit a little; what users see is the argmax. Gated on the CPU,
             # the only place the int8 variant is meant to run.
             result.int8_parity, _ = check_parity(
-                staged8, net, batches, float("inf"), cfg.export.int8_min_argmax_agreement, "int8", "cpu"
+                staged_variants["int8"],
+                net,
+                batches,
+                float("inf"),
+                cfg.export.int8_min_argmax_agreement,
+                "int8",
+                "cpu",
             )
-            result.int8_path = variant_path(str(out_path), "int8")
-            storage.upload(staged8, result.int8_path)
-        # Only a model that passed every gate is published (atomically for local paths).
+        # Only files that passed every gate are published, model.onnx last (atomically for local paths).
+        # A variant an earlier export left beside it is removed: the files there are the precisions
+        # this model has, which is what predict offers.
+        for precision in PRECISIONS:
+            target = variant_path(str(out_path), precision)
+            if precision in staged_variants:
+                storage.upload(staged_variants[precision], target)
+            elif precision != "fp32":
+                storage.delete(target)
+        result.fp16_path = variant_path(str(out_path), "fp16") if "fp16" in staged_variants else None
+        result.int8_path = variant_path(str(out_path), "int8") if "int8" in staged_variants else None
         storage.upload(staged, str(out_path))
     logger.info(
         "exported %s -> %s (%s exporter, opset %d): max |diff| %.2e, argmax agreement %.5f on %s",
@@ -274,17 +294,23 @@ def convert_fp16(src: Path, dst: Path) -> None:
     from onnxruntime.transformers.float16 import convert_float_to_float16
     from onnxruntime.transformers.onnx_model import OnnxModel
 
-    converted = OnnxModel(convert_float_to_float16(onnx.load(str(src)), keep_io_types=True))
+    model = onnx.load(str(src))
+    metadata = {prop.key: prop.value for prop in model.metadata_props}
+    converted = OnnxModel(convert_float_to_float16(model, keep_io_types=True))
     converted.topological_sort()  # the converter leaves its input casts out of order
+    onnx.helper.set_model_props(converted.model, {**metadata, "precision": json.dumps("fp16")})
     onnx.checker.check_model(converted.model)
     onnx.save(converted.model, str(dst))
 
 
-def quantize_int8(src: Path, dst: Path, calibration: list[np.ndarray]) -> None:
+def quantize_int8(src: Path, dst: Path, calibration: list[np.ndarray], float_max_stride: int = 4) -> None:
     """An int8 copy for CPU inference: onnxruntime's static QDQ quantization of the convolutions
-    (per-channel int8 weights, uint8 activations whose ranges come from ``calibration``, batches of
-    normalised images). The last convolution (the logits) and everything after it stay float32, so the
-    upsampled logits are not rounded to 256 levels before the argmax. Inputs and outputs stay float32."""
+    (per-channel int8 weights, uint8 activations whose MinMax ranges come from ``calibration``, batches of
+    normalised images). Two kinds of convolution stay float32: those whose output is at 1/``float_max_stride``
+    of the input's resolution or finer (0: none), the early high-resolution layers whose rounding errors
+    the argmax is most sensitive to and which cost the least to keep, and the last one (the logits) with
+    everything after it, so the upsampled logits are not rounded to 256 levels before the argmax. Inputs
+    and outputs stay float32. bench/README.md has the measurements behind these choices."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -300,7 +326,9 @@ def quantize_int8(src: Path, dst: Path, calibration: list[np.ndarray]) -> None:
         prepared = Path(tmp) / "prepared.onnx"
         # Constant folding and shape inference first, as onnxruntime recommends before quantization.
         quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
-        convs = [node.name for node in onnx.load(str(prepared)).graph.node if node.op_type == "Conv"]
+        graph = onnx.load(str(prepared))
+        convs = [node.name for node in graph.graph.node if node.op_type == "Conv"]
+        fine = fine_convs(graph, calibration[0].shape, float_max_stride)
         quantize_static(
             str(prepared),
             str(dst),
@@ -310,8 +338,9 @@ def quantize_int8(src: Path, dst: Path, calibration: list[np.ndarray]) -> None:
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             op_types_to_quantize=["Conv"],
-            nodes_to_exclude=convs[-1:],
+            nodes_to_exclude=[*fine, *convs[-1:]],
         )
+    logger.info("int8: %d of %d convolutions stay float32", len(set(fine) | set(convs[-1:])), len(convs))
     model = onnx.load(str(dst))
     metadata = {prop.key: prop.value for prop in onnx.load(str(src)).metadata_props}
     onnx.helper.set_model_props(model, {**metadata, "precision": json.dumps("int8")})
@@ -319,9 +348,35 @@ def quantize_int8(src: Path, dst: Path, calibration: list[np.ndarray]) -> None:
     onnx.save(model, str(dst))
 
 
+def fine_convs(model: onnx.ModelProto, shape: tuple[int, ...], max_stride: int) -> list[str]:
+    """The convolutions of ``model`` whose output height is at least 1/``max_stride`` of the input's, found
+    by ONNX shape inference with the input fixed at ``shape`` (N, C, H, W); none when ``max_stride`` < 1."""
+    if max_stride < 1:
+        return []
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    for dim, value in zip(fixed.graph.input[0].type.tensor_type.shape.dim, shape, strict=True):
+        dim.dim_value = value  # replaces the symbolic N/H/W
+    inferred = onnx.shape_inference.infer_shapes(fixed)
+    heights = {
+        info.name: info.type.tensor_type.shape.dim[2].dim_value
+        for info in inferred.graph.value_info
+        if len(info.type.tensor_type.shape.dim) == 4
+    }
+    convs = [node for node in inferred.graph.node if node.op_type == "Conv"]
+    unknown = [node.name for node in convs if not heights.get(node.output[0])]
+    if unknown:
+        raise ExportError(
+            f"int8: ONNX shape inference found no output height for {len(unknown)} convolutions "
+            f"(first: {unknown[0]}); set export.int8_float_max_stride=0 to quantize them all"
+        )
+    return [node.name for node in convs if heights[node.output[0]] * max_stride >= shape[2]]
+
+
 def calibration_batches(data_root: str, cfg: Config) -> list[np.ndarray]:
-    """``cfg.export.calibration_images`` training images, one per batch, at the first parity size
-    (activation ranges barely depend on resolution; the gate then checks other images and sizes)."""
+    """``cfg.export.calibration_images`` training images spread evenly over the split (not the first
+    ones, which are all one city), one per batch, at the first parity size (activation ranges barely
+    depend on resolution; the gate then checks other images and sizes)."""
     from components.data.dataset import CityscapesSegmentation
     from components.data.transforms import eval_transform
 
@@ -330,7 +385,8 @@ def calibration_batches(data_root: str, cfg: Config) -> list[np.ndarray]:
     count = min(cfg.export.calibration_images, len(dataset))
     if count < 1:
         raise ExportError(f"int8 calibration needs training images, but {data_root} has none")
-    return [dataset[i][0][None].numpy() for i in range(count)]
+    # Evenly spaced, distinct indices (count <= len(dataset)).
+    return [dataset[i * (len(dataset) - 1) // max(count - 1, 1)][0][None].numpy() for i in range(count)]
 
 
 def parity_batches(data_root: str, cfg: Config) -> list[tuple[tuple[int, int], torch.Tensor]]:

@@ -131,6 +131,89 @@ def list_names(prefix_uri: str | os.PathLike[str]) -> list[str]:
     return sorted(p.name for p in directory.iterdir() if p.is_file()) if directory.is_dir() else []
 
 
+def list_tree(prefix_uri: str | os.PathLike[str], start: str = "") -> list[str]:
+    """Relative names (``/``-separated, sorted) of the files at any depth under a local directory or an
+    s3:// prefix whose relative name starts with ``start``. ``start`` narrows the listing itself (the S3
+    key prefix, the folders walked): listing ``manifest.`` beside millions of output PNGs stays cheap."""
+    if is_s3(prefix_uri):
+        bucket, key = split_s3(str(prefix_uri))
+        key = key.rstrip("/") + "/" if key else ""
+        paginator = s3_client().get_paginator("list_objects_v2")
+        pages = s3_call(
+            f"listing of {prefix_uri}", lambda: list(paginator.paginate(Bucket=bucket, Prefix=key + start))
+        )
+        return sorted(obj["Key"][len(key) :] for page in pages for obj in page.get("Contents", []))
+    root = Path(prefix_uri)
+    names = []
+    for folder, folders, files in os.walk(root):
+        relative = Path(folder).relative_to(root).as_posix()
+        relative = "" if relative == "." else relative + "/"
+        # Walk only folders that can hold a match (a/ for start a/b, or any folder below start).
+        folders[:] = [
+            name
+            for name in folders
+            if (relative + name + "/").startswith(start) or start.startswith(relative + name + "/")
+        ]
+        names.extend(relative + name for name in files if (relative + name).startswith(start))
+    return sorted(names)
+
+
+def append_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Append ``data`` to a local file in one write, then fsync it (and, for a new file, its folder): after a
+    crash the file holds every completed append, at most a torn tail of the last one. S3 objects cannot be
+    appended to (write one object per append instead)."""
+    if is_s3(path):
+        raise StorageError(f"cannot append to {path}: S3 objects are written whole")
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    created = not target.exists()
+    fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        # One write(2) with O_APPEND: two writers of one file never interleave within an append.
+        written = os.write(fd, data)
+        if written != len(data):
+            raise StorageError(f"short write to {target}: {written} of {len(data)} bytes (disk full?)")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if created:
+        folder = os.open(target.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+
+
+DELETE_BATCH = 1000
+"""The most keys one S3 DeleteObjects call takes."""
+
+
+def delete_many(uris: list[str]) -> None:
+    """Delete local files and S3 objects; S3 keys go in DeleteObjects calls of up to 1000 per bucket."""
+    keys: dict[str, list[str]] = {}
+    for uri in uris:
+        if is_s3(uri):
+            bucket, key = split_s3(uri)
+            keys.setdefault(bucket, []).append(key)
+        else:
+            Path(uri).unlink(missing_ok=True)
+    for bucket, names in keys.items():
+        for first in range(0, len(names), DELETE_BATCH):
+            chunk = names[first : first + DELETE_BATCH]
+            response = s3_call(
+                f"delete of {len(chunk)} objects in s3://{bucket}",
+                s3_client().delete_objects,
+                Bucket=bucket,
+                Delete={"Objects": [{"Key": key} for key in chunk], "Quiet": True},
+            )
+            if response.get("Errors"):
+                error = response["Errors"][0]
+                raise StorageError(
+                    f"S3 delete of {len(response['Errors'])} of {len(chunk)} objects in s3://{bucket} "
+                    f"failed; first: {error.get('Key')}: {error.get('Code')} {error.get('Message')}"
+                )
+
+
 def delete(uri: str | os.PathLike[str]) -> None:
     if is_s3(uri):
         bucket, key = split_s3(str(uri))

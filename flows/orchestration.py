@@ -1,5 +1,6 @@
-"""Prefect glue the ``finetune`` and ``sweep`` flows share: running a stage (in-process, or through its
-deployment), the flow run's MLflow parent run, and the link to a registered version.
+"""Prefect glue the flows share: running a stage (in-process, or through its deployment), flow runs of a
+deployment under a concurrency limit (the sweep's points, the predict flow's shards), the flow run's MLflow
+parent run, and the link to a registered version.
 
 What these do in MLflow is in components/tracking; this module adds only what needs Prefect (the flow
 run's id, name and attempt, other flow runs' states, artifacts, deployments).
@@ -16,6 +17,8 @@ from uuid import UUID
 from prefect import Flow
 from prefect.artifacts import create_link_artifact
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.objects import FlowRun
+from prefect.concurrency.sync import concurrency as concurrency_slot
 from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
 from prefect.runtime import flow_run
@@ -24,6 +27,9 @@ from components import tracking
 from components.config import Config, StageName
 
 logger = logging.getLogger(__name__)
+
+POLL_SECONDS = 2.0
+"""How often a task waiting on a flow run of a deployment asks the API whether it has finished."""
 
 
 class StageFailed(RuntimeError):
@@ -47,6 +53,31 @@ def run_stage(cfg: Config, stage: StageName, stage_flow: Flow[..., Any], **param
             "see that flow run's logs"
         )
     return stage_run.state.result()
+
+
+@contextmanager
+def concurrency_limit(name: str, slots: int) -> Iterator[str]:
+    """A Prefect global concurrency limit of ``slots`` for this flow run's children, deleted when the block
+    ends (a retried flow run finds its own and resizes it)."""
+    with get_client(sync_client=True) as client:
+        client.upsert_global_concurrency_limit_by_name(name, slots)
+    try:
+        yield name
+    finally:
+        with get_client(sync_client=True) as client:
+            client.delete_global_concurrency_limit_by_name(name)
+
+
+def run_in_slot(
+    limit: str, deployment: str, name: str, parameters: dict[str, Any], tags: list[str]
+) -> FlowRun:
+    """A flow run of ``deployment``, started once a slot of ``limit`` is free and waited for (the slot is
+    held until it ends): at most the limit's slots of them run at once."""
+    # A lost lease renewal (API blip) must not abandon a child run that may take hours.
+    with concurrency_slot(limit, occupy=1, strict=True, raise_on_lease_renewal_failure=False):
+        return run_deployment(
+            deployment, parameters=parameters, flow_run_name=name, tags=tags, poll_interval=POLL_SECONDS
+        )
 
 
 @contextmanager

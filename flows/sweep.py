@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import shlex
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +31,6 @@ import yaml
 from prefect import flow, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.client.orchestration import get_client
-from prefect.concurrency.sync import concurrency as concurrency_slot
-from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
 from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
@@ -46,11 +42,15 @@ from components.config import Config, load_config
 from components.errors import ConfigError
 from components.registry import registration_text
 from flows.logs import show_project_logs
-from flows.orchestration import link_registered_version, pipeline_run, run_stage
+from flows.orchestration import (
+    concurrency_limit,
+    link_registered_version,
+    pipeline_run,
+    run_in_slot,
+    run_stage,
+)
 from flows.stages import register_stage
 
-POLL_SECONDS = 2.0
-"""How often a point's task asks the API whether its flow run has finished."""
 RANKING_FILE = "sweep_ranking.json"
 
 
@@ -123,28 +123,12 @@ def deployment_overrides(deployment: str) -> list[str]:
     return list(parameters.get("overrides") or [])
 
 
-@contextmanager
-def concurrency_limit(name: str, slots: int) -> Iterator[str]:
-    """A Prefect global concurrency limit for this sweep's points, deleted when the block ends."""
-    with get_client(sync_client=True) as client:
-        client.upsert_global_concurrency_limit_by_name(name, slots)  # a retried flow run finds its own
-    try:
-        yield name
-    finally:
-        with get_client(sync_client=True) as client:
-            client.delete_global_concurrency_limit_by_name(name)
-
-
 @task(name="sweep-point")
 def run_point(
     deployment: str, name: str, parameters: dict[str, Any], tags: list[str], limit: str
 ) -> dict[str, Any]:
     """Start the point's flow run once a slot of ``limit`` is free, wait for it, return its outcome."""
-    # A lost lease renewal (API blip) must not abandon a training run that may take hours.
-    with concurrency_slot(limit, occupy=1, strict=True, raise_on_lease_renewal_failure=False):
-        child = run_deployment(
-            deployment, parameters=parameters, flow_run_name=name, tags=tags, poll_interval=POLL_SECONDS
-        )
+    child = run_in_slot(limit, deployment, name, parameters, tags)
     state = child.state
     outcome: dict[str, Any] = {"flow_run": name, "flow_run_id": str(child.id)}
     if state is None:

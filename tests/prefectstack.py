@@ -102,13 +102,26 @@ def local_worker(stack: Stack) -> Iterator[Path]:
     while the block runs; yields the worker's log file."""
     deployed = stack.cli("bash", "deploy/deploy.sh", "local")
     assert deployed.returncode == 0, deployed.stdout + deployed.stderr
-    log_path = stack.work / "worker.log"
-    worker = start_process(
-        [str(BIN / "prefect"), "worker", "start", "--pool", "local", "--type", "process"],
-        stack.env,
-        log_path,
-        stack.work,
-    )
+    with process_worker(stack, "worker") as log_path:
+        yield log_path
+
+
+@contextmanager
+def process_worker(stack: Stack, name: str) -> Iterator[Path]:
+    """One more process worker on the local pool (another "node"), named ``name``; yields its log file."""
+    log_path = stack.work / f"{name}.log"
+    command = [
+        str(BIN / "prefect"),
+        "worker",
+        "start",
+        "--pool",
+        "local",
+        "--type",
+        "process",
+        "--name",
+        name,
+    ]
+    worker = start_process(command, stack.env, log_path, stack.work)
     try:
         yield log_path
     finally:

@@ -49,10 +49,12 @@ def test_automation_file_watches_the_pipeline_flows() -> None:
     assert isinstance(action, SendNotification) and action.block_document_id == block_id
     watched = set(automation.trigger.match_related.model_dump()["prefect.resource.name"])
     declared = {
-        re.search(r'@flow\(name="([\w-]+)"', (ROOT / "flows" / f"{module}.py").read_text()).group(1)
+        name
         for module in ("finetune", "sweep", "predict")
+        for name in re.findall(r'@flow\(name="([\w-]+)"', (ROOT / "flows" / f"{module}.py").read_text())
     }
-    assert watched == declared == {"finetune", "sweep", "predict"}
+    # A predict-shard run that fails is retried by its predict run, which alerts if it still fails.
+    assert watched == declared - {"predict-shard"} == {"finetune", "sweep", "predict"}
 
 
 @pytest.fixture

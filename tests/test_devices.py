@@ -172,25 +172,28 @@ def test_predict_flow_records_the_provider_and_cuda_fails_before_any_shard(
         state.result()
     assert not out.exists()
 
-    summary = predict(inputs=str(images), output=str(out), model=tiny_onnx, shards=2)
+    summary = predict(inputs=str(images), output=str(out), model=tiny_onnx)
     assert summary["device"] == "auto" and summary["provider"] == CPU and summary["segmented"] == 3
     assert {r["provider"] for r in read_manifest(str(out)).values()} == {CPU}
     with get_client(sync_client=True) as client:
         (artifact,) = [a for a in client.read_artifacts() if a.key == "predict-summary"]
-    assert f"s on {CPU} (device=auto)." in artifact.data
+    assert f"in 1 shard(s) on {CPU} (device=auto)." in artifact.data
 
 
 def test_gpu_pool_predict_deployments_require_cuda() -> None:
     import yaml
 
-    from flows.predict import predict
+    from flows import predict as flows_predict
 
+    required = {"inputs": "in/", "output": "out/", "model": "m.onnx", "work": "w.jsonl", "shard": 0}
     deployments = yaml.safe_load((Path(__file__).parents[1] / "deploy" / "prefect.yaml").read_text())
     found = {}
     for deployment in deployments["deployments"]:
-        if deployment["entrypoint"] == "flows/predict.py:predict":
+        if deployment["entrypoint"].startswith("flows/predict.py:"):
             parameters = deployment["parameters"]
-            found[deployment["name"]] = parameters["device"]
+            found.setdefault(deployment["name"], set()).add(parameters["device"])
             # Prefect validates a run's parameters against the flow's signature (Literal device).
-            predict.validate_parameters({"inputs": "in/", "output": "out/", **parameters})
-    assert found == {"cityscapes": "cuda", "cityscapes-k8s": "cuda", "cityscapes-local": "auto"}
+            flow = getattr(flows_predict, deployment["entrypoint"].partition(":")[2])
+            names = flow.parameters.properties
+            flow.validate_parameters({**{k: v for k, v in required.items() if k in names}, **parameters})
+    assert found == {"cityscapes": {"cuda"}, "cityscapes-k8s": {"cuda"}, "cityscapes-local": {"auto"}}

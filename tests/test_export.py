@@ -183,7 +183,7 @@ def test_int8_variant_is_gated_and_published_beside_the_fp32_file(
     checkpoint = make_checkpoint(tmp_path / "ckpt")
     out = tmp_path / "out" / "model.onnx"
     # Random weights: logits nearly tie everywhere, so quantization flips more pixels than on a trained
-    # model (the demo recipe's trained model is gated at the default 0.98 in the end-to-end tests).
+    # model (the trained demo model passes the default 0.98: bench/README.md, int8).
     int8 = ["export.exporter=torchscript", "export.int8=true", "export.calibration_images=4"]
     result = export_onnx(
         checkpoint, str(out), str(synthetic_root), tiny_config(*int8, "export.int8_min_argmax_agreement=0.9")
@@ -191,8 +191,15 @@ def test_int8_variant_is_gated_and_published_beside_the_fp32_file(
     assert result.int8_path == str(out.with_name("model.int8.onnx"))
     variant = Path(result.int8_path)
     assert variant.stat().st_size < 0.5 * out.stat().st_size  # int8 weights
-    ops = {node.op_type for node in onnx.load(str(variant)).graph.node}
-    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    graph = onnx.load(str(variant)).graph
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {node.op_type for node in graph.node}
+    # MobileNetV3's 10 convolutions at 1/2 and 1/4 resolution and the logits' one stay float32: their
+    # weights are float initializers, not dequantized int8 ones.
+    initializers = {tensor.name: tensor.data_type for tensor in graph.initializer}
+    convs = [node for node in graph.node if node.op_type == "Conv"]
+    float_convs = [n.name for n in convs if initializers.get(n.input[1]) == onnx.TensorProto.FLOAT]
+    assert len(convs) == 70 and len(float_convs) == 11, float_convs
+    assert float_convs[-1] == convs[-1].name and "backbone.4/block/block.0/" in float_convs[-2]
     assert [r.size for r in result.int8_parity] == [(64, 128), (48, 96)]
     assert all(0.9 <= r.argmax_agreement < 1.0 for r in result.int8_parity), result.int8_parity
     metadata = read_metadata(variant)
@@ -214,6 +221,46 @@ def test_int8_variant_is_gated_and_published_beside_the_fp32_file(
             tiny_config(*int8, "export.int8_min_argmax_agreement=1.01"),
         )
     assert not rejected.parent.exists() or list(rejected.parent.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_fp16_variant_is_published_and_a_stale_variant_removed(tmp_path: Path, synthetic_root: Path) -> None:
+    from components.export import export_onnx, read_metadata
+
+    checkpoint = make_checkpoint(tmp_path / "ckpt")
+    out = tmp_path / "out" / "model.onnx"
+    fp16 = out.with_name("model.fp16.onnx")
+    cfg = tiny_config("export.exporter=torchscript", "export.fp16=true")
+    result = export_onnx(checkpoint, str(out), str(synthetic_root), cfg, device="cpu")
+    assert (result.fp16_path, result.int8_path) == (str(fp16), None)
+    assert [r.size for r in result.fp16_parity] == [(64, 128), (48, 96)]
+    assert read_metadata(fp16)["precision"] == "fp16"
+    assert read_metadata(fp16)["class_names"] == read_metadata(out)["class_names"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["model.fp16.onnx", "model.onnx"]
+
+    # Exported again into the same folder without fp16: the old fp16 file (another model's) goes.
+    out.with_name("model.int8.onnx").write_bytes(b"left by an older export")
+    again = export_onnx(checkpoint, str(out), str(synthetic_root), tiny_config("export.exporter=torchscript"))
+    assert again.fp16_path is None
+    assert [p.name for p in out.parent.iterdir()] == ["model.onnx"]
+
+
+@pytest.mark.slow
+def test_fine_convs_are_found_by_output_resolution(exported) -> None:
+    from components.errors import ExportError
+    from components.export import fine_convs
+
+    _, result = exported
+    model = onnx.load(result.onnx_path)
+    convs = [node.name for node in model.graph.node if node.op_type == "Conv"]
+    # MobileNetV3-Large: the stem and 3 convolutions at 1/2; 6 more at 1/4 (64x128 input).
+    assert fine_convs(model, (1, 3, 64, 128), 2) == convs[:4]
+    assert fine_convs(model, (2, 3, 128, 256), 4) == convs[:10]
+    assert fine_convs(model, (1, 3, 64, 128), 0) == []
+    # Without the stem its output is unknown, and so is every height after it.
+    model.graph.node.remove(next(node for node in model.graph.node if node.op_type == "Conv"))
+    with pytest.raises(ExportError, match=r"no output height .* export.int8_float_max_stride=0"):
+        fine_convs(model, (1, 3, 64, 128), 4)
 
 
 def test_export_cli_help() -> None:

@@ -209,6 +209,11 @@ def test_deployments_resolve_to_flows_and_valid_configs() -> None:
         "prepare-data/cityscapes-local",
     } <= full_names
     assert {"predict/cityscapes", "predict/cityscapes-k8s", "predict/cityscapes-local"} <= full_names
+    assert {
+        "predict-shard/cityscapes",
+        "predict-shard/cityscapes-k8s",
+        "predict-shard/cityscapes-local",
+    } <= full_names
     for deployment in deployments:
         parameters = deployment["parameters"]
         if "recipe" in parameters:  # the pipeline's flows (predict takes a model URI instead)
@@ -217,6 +222,8 @@ def test_deployments_resolve_to_flows_and_valid_configs() -> None:
                 assert stage_deployment in full_names, (
                     f"{deployment['name']} calls unknown {stage_deployment}"
                 )
+        if "shard_deployment" in parameters:  # the predict flow's shards
+            assert parameters["shard_deployment"] in full_names
         pool = deployment["work_pool"]["name"]
         assert pool in {"gpu-docker", "cpu-docker", "gpu-k8s", "cpu-k8s", "local"}
         if pool != "local":

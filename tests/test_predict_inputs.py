@@ -171,35 +171,6 @@ def test_empty_folder_is_a_named_error(onnx_file: str, tmp_path: Path) -> None:
         predict(onnx_file, str(tmp_path / "empty"), str(tmp_path / "out"), progress=False)
 
 
-def test_shard_manifests_merge_into_one_where_the_newest_record_wins(tmp_path: Path) -> None:
-    from components.predict import (
-        MANIFEST,
-        merge_manifests,
-        read_manifest,
-        shard_manifest_name,
-        write_manifest,
-    )
-
-    def record(name: str, status: str) -> dict[str, str]:
-        return {"input": name, "status": status}
-
-    # An earlier run's merged manifest, then two shards of a rerun (shard 1 redid b.png, now ok).
-    write_manifest(
-        str(tmp_path / MANIFEST), {"a.png": record("a.png", "ok"), "b.png": record("b.png", "failed")}
-    )
-    write_manifest(str(tmp_path / shard_manifest_name(0)), {"c.png": record("c.png", "failed")})
-    write_manifest(str(tmp_path / shard_manifest_name(1)), {"b.png": record("b.png", "ok")})
-    assert shard_manifest_name(1) == "manifest.0001.jsonl"
-
-    assert merge_manifests(str(tmp_path)) == {"ok": 2, "failed": 1}
-    assert sorted(p.name for p in tmp_path.iterdir()) == [MANIFEST], "the shards' manifests are folded in"
-    assert {k: r["status"] for k, r in read_manifest(str(tmp_path)).items()} == {
-        "a.png": "ok",
-        "b.png": "ok",
-        "c.png": "failed",
-    }
-
-
 @pytest.mark.slow
 def test_interrupted_run_resumes_and_a_new_model_version_redoes_everything(
     onnx_file: str, tmp_path: Path
@@ -226,3 +197,38 @@ def test_interrupted_run_resumes_and_a_new_model_version_redoes_everything(
     redone = segment_inputs(str(other), str(folder), str(out), overlays=False, progress=False)
     assert (len(redone.segmented), redone.resumed) == (5, 0)
     assert {r["model_name"] for r in read_manifest(str(out)).values()} == {str(other)}
+
+
+@pytest.mark.slow
+def test_each_s3_input_is_fetched_once_and_its_facts_are_recorded(
+    onnx_file: str, s3_endpoint: str, tmp_path: Path
+) -> None:
+    import hashlib
+
+    from components import storage
+    from components.predict import read_manifest, segment_inputs
+
+    files = {
+        "a.png": _encoded("PNG"),
+        "b/c.png": _encoded("PNG", np.roll(RGB, 3, axis=1)),
+        "r.jpg": GOOD["rotated.jpg"],
+    }
+    client = storage.s3_client()
+    client.create_bucket(Bucket="frames")
+    for name, data in files.items():
+        client.put_object(Bucket="frames", Key=f"in/{name}", Body=data)
+    fetched: list[str] = []
+    client.meta.events.register(
+        "before-parameter-build.s3.GetObject", lambda params, **_: fetched.append(params["Key"])
+    )
+    summary = segment_inputs(onnx_file, "s3://frames/in", str(tmp_path / "out"), batch_size=2, progress=False)
+    assert len(summary.segmented) == 3
+    assert sorted(fetched) == sorted(f"in/{name}" for name in files), "every object fetched exactly once"
+
+    records = read_manifest(str(tmp_path / "out"))
+    for name, data in files.items():
+        record = records[f"s3://frames/in/{name}"]
+        assert record["input_sha256"] == hashlib.sha256(data).hexdigest()
+        assert record["input_bytes"] == len(data)
+    rotated = records["s3://frames/in/r.jpg"]
+    assert (rotated["input_format"], rotated["exif_orientation"], rotated["width"]) == ("JPEG", 6, 64)

@@ -178,29 +178,44 @@ def test_register_promote_pull_and_serve(
 
 
 @pytest.mark.slow
-def test_int8_variant_is_registered_and_pulled_by_predict(
+def test_variants_are_registered_offered_and_pulled_by_predict(
     server, tmp_path: Path, synthetic_root: Path
 ) -> None:
     import json
 
+    from components.errors import ModelError
     from components.export import export_onnx
+    from components.predict.model_file import available_precisions, resolve_model
     from components.registry import register_model
     from tests.test_export import make_checkpoint
 
     name = "int8-deeplabv3"
-    cfg = tiny_config(
+    common = [
         "tracking.system_metrics=false", f"run_dir={tmp_path}", f"registry.model_name={name}",
-        "export.exporter=torchscript", "export.int8=true", "export.int8_min_argmax_agreement=0.9",
-    )  # fmt: skip
+        "export.exporter=torchscript",
+    ]  # fmt: skip
+    plain = tiny_config(*common)
+    cfg = tiny_config(*common, "export.fp16=true", "export.int8=true", "export.int8_min_argmax_agreement=0.9")
     checkpoint = make_checkpoint(tmp_path / "ckpt", cfg=cfg)
-    exported = export_onnx(checkpoint, str(tmp_path / "export" / "model.onnx"), str(synthetic_root), cfg)
+    exported = export_onnx(
+        checkpoint, str(tmp_path / "export" / "model.onnx"), str(synthetic_root), cfg, device="cpu"
+    )
     assert register_model(cfg, _training_run(cfg), checkpoint, exported.onnx_path, 0.5, 0.4, "fp").promoted
     # No better than the champion within the 6 decimals its tag keeps: not promoted by dropped digits.
     retrained = register_model(cfg, _training_run(cfg), checkpoint, exported.onnx_path, 0.5000004, 0.4, "fp")
     assert (retrained.version, retrained.promoted) == ("2", False)
 
+    client = mlflow.MlflowClient()
+    assert client.get_model_version(name, "1").tags["onnx_variants"] == "fp32,fp16,int8"
+    assert available_precisions(f"models:/{name}@champion") == ["fp32", "fp16", "int8"]
+    cache = tmp_path / "cache"
+    fp16, model_id = resolve_model(f"models:/{name}@champion", str(cache), precision="fp16")
+    assert fp16 == cache / name / "1" / "model.fp16.onnx"
+    assert fp16.read_bytes() == Path(exported.fp16_path).read_bytes()
+    assert (model_id.name, model_id.version, model_id.precision) == (name, "1", "fp16")
+
     val_dir = synthetic_root / "leftImg8bit" / "val"
-    env = {**os.environ, "CITYSEG_CACHE": str(tmp_path / "cache")}
+    env = {**os.environ, "CITYSEG_CACHE": str(cache)}
 
     def predict(model: str, out: Path) -> subprocess.CompletedProcess:
         return subprocess.run(
@@ -211,20 +226,33 @@ def test_int8_variant_is_registered_and_pulled_by_predict(
 
     done = predict(f"models:/{name}@champion", tmp_path / "pred")
     assert done.returncode == 0, done.stderr
-    cached = tmp_path / "cache" / name / "1" / "model.int8.onnx"  # v1: the champion
+    cached = cache / name / "1" / "model.int8.onnx"  # v1: the champion
     assert cached.read_bytes() == Path(exported.int8_path).read_bytes()
     records = [json.loads(line) for line in (tmp_path / "pred" / "manifest.jsonl").read_text().splitlines()]
     assert len(records) == 4 and {
         (r["model_version"], r["model_precision"], r["status"]) for r in records
     } == {("1", "int8", "ok")}
 
-    # A model exported without the variant: a named error, not a traceback.
-    lone = tmp_path / "lone" / "model.onnx"
-    lone.parent.mkdir()
-    lone.write_bytes(Path(exported.onnx_path).read_bytes())
-    missing = predict(str(lone), tmp_path / "missing")
+    # A version registered without the variants has only fp32: asking it for int8 is a ModelError that
+    # lists what it has, raised before anything is downloaded.
+    lone = register_model(plain, _training_run(plain), checkpoint, exported.onnx_path, 0.5, 0.4, "fp")
+    assert (lone.version, client.get_model_version(name, "3").tags["onnx_variants"]) == ("3", "fp32")
+    assert available_precisions(f"models:/{name}/3") == ["fp32"]
+    expected = (
+        rf"models:/{name}@challenger \(version 3\) has no int8 variant; it has: fp32; "
+        "export with export.int8=true to add one"
+    )
+    with pytest.raises(ModelError, match=expected):
+        resolve_model(f"models:/{name}@challenger", str(cache), precision="int8")
+    assert not (cache / name / "3").exists()
+
+    # A plain file without the variant: the same named error from the CLI, not a traceback.
+    alone = tmp_path / "alone" / "model.onnx"
+    alone.parent.mkdir()
+    alone.write_bytes(Path(exported.onnx_path).read_bytes())
+    missing = predict(str(alone), tmp_path / "missing")
     assert missing.returncode != 0 and "Traceback" not in missing.stderr
-    assert "int8 variant exists only where the export stage ran with export.int8=true" in missing.stderr
+    assert f"{alone} has no int8 variant; it has: fp32; export with export.int8=true" in missing.stderr
 
 
 @pytest.mark.slow

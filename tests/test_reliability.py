@@ -188,7 +188,7 @@ def test_predict_over_s3_keeps_the_secret(
     s3_endpoint: str, tmp_path: Path, exported, synthetic_root: Path, caplog, capfd
 ) -> None:
     from components import storage
-    from components.errors import StorageError
+    from components.errors import ModelError
     from components.predict import predict
 
     secret = TEST_CREDENTIALS["AWS_SECRET_ACCESS_KEY"]
@@ -206,7 +206,7 @@ def test_predict_over_s3_keeps_the_secret(
         cache_dir=str(tmp_path / "cache"), progress=False,
     )  # fmt: skip
     assert sorted(p.name for p in written) == sorted(p.name for p in sources)
-    with pytest.raises(StorageError) as missing:
+    with pytest.raises(ModelError) as missing:
         predict("s3://inference/models/absent.onnx", "s3://inference/images", str(tmp_path / "x"))
 
     captured = capfd.readouterr()

@@ -9,7 +9,8 @@ cached per version under ``~/.cache/cityseg-ops/<name>/<version>/``, ``--cache-d
 writes ``trainIds/<rel>/<stem>.png``, ``labelIds/<rel>/<stem>.png`` (what the Cityscapes benchmark
 server and ``CITYSCAPES_RESULTS`` take) and, unless ``--no-overlay``, ``overlay/<rel>/<stem>.png``, plus
 one line per input in ``manifest.jsonl`` (input, outputs, size, model name and version, the onnxruntime
-execution provider that ran it, status).
+execution provider that ran it, status, and what the check learned: format, EXIF orientation, byte size
+and sha256 of the input).
 
 ``--device`` (default ``auto``) picks where onnxruntime runs: ``auto`` uses the GPU when one is visible
 (and says why not when it falls back to the CPU), ``cuda`` refuses to start without a working CUDA provider
@@ -18,7 +19,8 @@ execution provider that ran it, status).
 Nothing is lost or silently wrong:
   * two inputs that would write the same output (``x.jpg`` and ``x.webp``) are refused before anything
     is written, naming both;
-  * every image is fully decoded with Pillow before anything is written: a truncated or corrupt file
+  * every input is fetched once (an s3:// object into a scratch folder) and fully decoded with Pillow
+    before anything is written: a truncated or corrupt file
     (which OpenCV would decode half-way and fill in) is refused, naming it; ``--skip-bad`` instead skips
     such files and lists them in the manifest with ``status: failed`` and the reason;
   * inputs must be 8-bit RGB (RGBA loses its alpha); grayscale, palette, CMYK and 16-bit images are
@@ -26,16 +28,18 @@ Nothing is lost or silently wrong:
   * EXIF orientation **is applied** (the network was trained on upright scenes, and the mask then lines
     up with the image as every viewer shows it); the manifest records the orientation and the size of
     the mask;
-  * a rerun into the same output skips inputs the manifest lists as done with the same model version:
-    an interrupted batch resumes.
+  * every finished batch is appended to the records (an fsync'd local file, or one small S3 object per
+    batch), which are merged into ``manifest.jsonl`` at the end; a rerun into the same output skips
+    inputs they list as done with the same model version: an interrupted batch resumes.
 Images whose longer side exceeds ``--max-side`` are tiled (overlapping windows, logits averaged) or,
 with ``--large resize``, downscaled.
 
 The package, one module per concern:
   * ``inputs``: listing and checking the inputs (:func:`list_inputs`, :func:`check_collisions`,
-    :func:`check_inputs`, :func:`refuse`);
-  * ``manifest``: the manifest, its shards and their merge (:func:`read_manifest`, :func:`merge_manifests`);
-  * ``model_file``: the ONNX file a model URI names (:func:`resolve_model`);
+    :func:`examine_inputs`, :class:`ImageFacts`, :func:`refuse`);
+  * ``manifest``: the append-only records of each shard and their merge into ``manifest.jsonl``
+    (:class:`ManifestWriter`, :func:`read_manifest`, :func:`merge_manifests`);
+  * ``model_file``: the ONNX file a model URI names (:func:`pin_model`, :func:`resolve_model`);
   * ``run``: segmenting a batch (:func:`segment_inputs`, :func:`predict`);
   * ``__main__``: the command line.
 """
@@ -43,23 +47,32 @@ The package, one module per concern:
 from components.predict.inputs import (
     IMAGE_SUFFIXES,
     MAX_PIXELS,
+    ImageFacts,
     InputRef,
     check_collisions,
-    check_inputs,
-    find_problems,
+    examine_inputs,
+    image_facts,
     inspect_image,
     list_inputs,
     refuse,
 )
 from components.predict.manifest import (
     MANIFEST,
+    ManifestWriter,
     ModelId,
+    is_done,
     merge_manifests,
     read_manifest,
-    shard_manifest_name,
+    shard_records_name,
     write_manifest,
 )
-from components.predict.model_file import DEFAULT_CACHE, resolve_model, resolve_onnx
+from components.predict.model_file import (
+    DEFAULT_CACHE,
+    available_precisions,
+    pin_model,
+    resolve_model,
+    resolve_onnx,
+)
 from components.predict.run import PredictSummary, predict, segment_inputs
 
 __all__ = [
@@ -67,21 +80,26 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "MANIFEST",
     "MAX_PIXELS",
+    "ImageFacts",
     "InputRef",
+    "ManifestWriter",
     "ModelId",
     "PredictSummary",
+    "available_precisions",
     "check_collisions",
-    "check_inputs",
-    "find_problems",
+    "examine_inputs",
+    "image_facts",
     "inspect_image",
+    "is_done",
     "list_inputs",
     "merge_manifests",
+    "pin_model",
     "predict",
     "read_manifest",
     "refuse",
     "resolve_model",
     "resolve_onnx",
     "segment_inputs",
-    "shard_manifest_name",
+    "shard_records_name",
     "write_manifest",
 ]

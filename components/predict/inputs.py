@@ -1,10 +1,14 @@
 """What batch inference reads: listing the inputs (folder, glob, s3:// prefix), refusing colliding output
-names, and checking every image fully before anything is written (corrupt, unsupported, too large)."""
+names, and checking every image fully before anything is written (corrupt, unsupported, too large). The
+check reads each file once and keeps what it learned (:class:`ImageFacts`: format, size, EXIF
+orientation, content hash) for segmenting and the manifest."""
 
 from __future__ import annotations
 
 import glob
-import tempfile
+import hashlib
+import io
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +20,9 @@ from components.errors import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
+
+EXIF_ORIENTATION = 0x0112
+"""The EXIF tag that says how to turn the stored pixels to show them upright."""
 
 MAX_PIXELS = 40_000_000
 """Largest input accepted (about 8K x 5K, 20 Cityscapes frames): tiling sums one float32 logit per class
@@ -83,21 +90,68 @@ def check_collisions(refs: list[InputRef]) -> None:
         )
 
 
-def materialise(ref: InputRef, scratch: Path) -> Path:
-    if storage.is_s3(ref.source):
-        return storage.copy_to_local(ref.source, scratch / ref.source[len("s3://") :])
-    return Path(ref.source)
+FETCH_THREADS = 16
+"""Concurrent downloads of s3:// inputs: one GET waits tens of ms on the network, so one at a time would
+starve a GPU (about 30 objects/s); Pillow's decoding releases the GIL, so checks run side by side too."""
 
 
-def find_problems(local: dict[str, Path], max_pixels: int = MAX_PIXELS) -> dict[str, str]:
-    """input -> why it cannot be segmented, for every bad one of ``local`` (input -> local file)."""
-    return {source: problem for source, path in local.items() if (problem := inspect_image(path, max_pixels))}
+def fetch_inputs(refs: list[InputRef], scratch: Path) -> dict[str, Path]:
+    """input -> a local file with its bytes: the path itself, or the s3:// object downloaded into
+    ``scratch`` (the one download of that object in this run: checking and segmenting both read it)."""
+
+    def fetch(ref: InputRef) -> Path:
+        if storage.is_s3(ref.source):
+            return storage.copy_to_local(ref.source, scratch / ref.source[len("s3://") :])
+        return Path(ref.source)
+
+    with ThreadPoolExecutor(FETCH_THREADS) as pool:
+        return dict(zip([ref.source for ref in refs], pool.map(fetch, refs), strict=True))
 
 
-def check_inputs(refs: list[InputRef], max_pixels: int = MAX_PIXELS) -> dict[str, str]:
-    """:func:`find_problems` for inputs anywhere (s3:// ones are fetched to a scratch folder)."""
-    with tempfile.TemporaryDirectory(prefix="cityseg-check-") as scratch:
-        return find_problems({ref.source: materialise(ref, Path(scratch)) for ref in refs}, max_pixels)
+@dataclass(frozen=True)
+class ImageFacts:
+    """What the check learned about an input; segmenting uses it (batching by size) and the manifest
+    records it (what exactly was segmented)."""
+
+    format: str
+    """Pillow's name of the format (PNG, JPEG, WEBP, ...)."""
+    width: int
+    height: int
+    """The size as stored (before EXIF orientation)."""
+    exif_orientation: int
+    """The EXIF Orientation tag (1: none; 5 to 8 turn the image by 90 degrees)."""
+    size_bytes: int
+    sha256: str
+    """Of the file's bytes: the input that was segmented, whatever its name says later."""
+
+    @property
+    def upright_size(self) -> tuple[int, int]:
+        """(width, height) as the image is shown (and segmented): EXIF orientation applied."""
+        return (
+            (self.height, self.width) if self.exif_orientation in (5, 6, 7, 8) else (self.width, self.height)
+        )
+
+
+class BadInput(ValueError):
+    """An input that cannot be segmented; the message says why."""
+
+
+def examine_inputs(
+    local: dict[str, Path], max_pixels: int = MAX_PIXELS
+) -> tuple[dict[str, ImageFacts], dict[str, str]]:
+    """The facts of every good input of ``local`` (input -> local file) and why each bad one cannot be
+    segmented (input -> reason)."""
+
+    def examine(path: Path) -> ImageFacts | str:
+        try:
+            return image_facts(path, max_pixels)
+        except BadInput as exc:
+            return str(exc)
+
+    with ThreadPoolExecutor(FETCH_THREADS) as pool:
+        found = dict(zip(local, pool.map(examine, local.values()), strict=True))
+    facts = {source: found for source, found in found.items() if isinstance(found, ImageFacts)}
+    return facts, {source: found for source, found in found.items() if isinstance(found, str)}
 
 
 def refuse(problems: dict[str, str]) -> None:
@@ -110,51 +164,61 @@ def refuse(problems: dict[str, str]) -> None:
 
 
 def inspect_image(path: Path, max_pixels: int = MAX_PIXELS) -> str | None:
-    """Why ``path`` cannot be segmented (None if it can): checks the header, then decodes the whole
-    image with Pillow, which (unlike OpenCV) raises on truncated or corrupt data."""
+    """Why ``path`` cannot be segmented (None if it can); see :func:`image_facts`."""
+    try:
+        image_facts(path, max_pixels)
+    except BadInput as exc:
+        return str(exc)
+    return None
+
+
+def image_facts(path: Path, max_pixels: int = MAX_PIXELS) -> ImageFacts:
+    """Reads ``path`` once: hashes its bytes, checks the header, then decodes the whole image with Pillow,
+    which (unlike OpenCV) raises on truncated or corrupt data. BadInput says why it cannot be segmented."""
     from PIL import Image, UnidentifiedImageError
 
     too_large = f"split or downscale it (limit: {max_pixels} pixels, --max-pixels)"
     suffix = path.suffix.lstrip(".").upper()
     kind = {"JPG": "JPEG", "TIF": "TIFF"}.get(suffix, suffix) or "image"  # Pillow's format names
     try:
-        with Image.open(path) as image:
+        data = path.read_bytes()
+        with Image.open(io.BytesIO(data)) as image:
             mode, (width, height), kind = image.mode, image.size, image.format or kind
             if width * height > max_pixels:
-                return f"{width}x{height} pixels; {too_large}"
+                raise BadInput(f"{width}x{height} pixels; {too_large}")
             if mode not in ("RGB", "RGBA"):
-                return f"{mode} image; convert it to 8-bit RGB"
-            if _png_bit_depth(path) == 16:  # Pillow reports 16-bit RGB PNGs as mode RGB
-                return "16-bit PNG; convert it to 8-bit RGB"
+                raise BadInput(f"{mode} image; convert it to 8-bit RGB")
+            if _png_bit_depth(data) == 16:  # Pillow reports 16-bit RGB PNGs as mode RGB
+                raise BadInput("16-bit PNG; convert it to 8-bit RGB")
+            orientation = int(image.getexif().get(EXIF_ORIENTATION, 1))
             image.load()
         if kind == "PNG":  # checks every chunk's CRC, which decoding skips for ancillary chunks
-            with Image.open(path) as image:
+            with Image.open(io.BytesIO(data)) as image:
                 image.verify()
     except Image.DecompressionBombError:  # a header claiming hundreds of megapixels
-        return f"too large for Pillow's decompression-bomb limit; {too_large}"
+        raise BadInput(f"too large for Pillow's decompression-bomb limit; {too_large}") from None
     except UnidentifiedImageError:
-        return f"not an image (supported: {', '.join(IMAGE_SUFFIXES)})"
+        raise BadInput(f"not an image (supported: {', '.join(IMAGE_SUFFIXES)})") from None
     except FileNotFoundError:
-        return "cannot be read: missing (a broken link?)"
+        raise BadInput("cannot be read: missing (a broken link?)") from None
     except PermissionError:
-        return "cannot be read: permission denied"
+        raise BadInput("cannot be read: permission denied") from None
+    except BadInput:
+        raise
     except (OSError, SyntaxError, ValueError, EOFError) as exc:  # Pillow's ways of saying "corrupt"
-        return f"truncated or corrupt {kind} ({exc})"
-    return None
+        raise BadInput(f"truncated or corrupt {kind} ({exc})") from None
+    return ImageFacts(kind, width, height, orientation, len(data), hashlib.sha256(data).hexdigest())
 
 
-def _png_bit_depth(path: Path) -> int | None:
-    with path.open("rb") as handle:
-        header = handle.read(25)
+def _png_bit_depth(data: bytes) -> int | None:
     # PNG layout: 8-byte signature, IHDR chunk (length, type, width, height), then the bit depth byte.
-    return header[24] if header.startswith(PNG_SIGNATURE) and len(header) == 25 else None
+    return data[24] if data.startswith(PNG_SIGNATURE) and len(data) >= 25 else None
 
 
-def read_rgb(path: Path) -> tuple[np.ndarray, int]:
-    """Upright RGB pixels (EXIF orientation applied, alpha dropped) and the EXIF orientation (1 = none)."""
+def read_upright_rgb(path: Path, exif_orientation: int) -> np.ndarray:
+    """The image's RGB pixels as it is shown (EXIF orientation applied, alpha dropped)."""
     from PIL import Image, ImageOps
 
     with Image.open(path) as image:
-        orientation = int(image.getexif().get(0x0112, 1))  # 0x0112: the EXIF Orientation tag
-        upright = ImageOps.exif_transpose(image) if orientation != 1 else image
-        return np.asarray(upright.convert("RGB")), orientation
+        upright = ImageOps.exif_transpose(image) if exif_orientation != 1 else image
+        return np.asarray(upright.convert("RGB"))

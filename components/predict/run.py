@@ -1,12 +1,12 @@
-"""Segmenting a batch: decode, batch by size, tile or resize large images, write trainIds/labelIds/overlay
-PNGs, and record every input in the manifest after every batch."""
+"""Segmenting a batch: fetch and check every input once, batch by size, tile or resize large images, write
+trainIds/labelIds/overlay PNGs, and append every finished batch's records to the manifest."""
 
 from __future__ import annotations
 
 import logging
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,23 +20,25 @@ from components.errors import DataError
 from components.labels import colorize, trainid_to_labelid_lut
 from components.predict.inputs import (
     MAX_PIXELS,
+    ImageFacts,
     InputRef,
     check_collisions,
-    find_problems,
+    examine_inputs,
+    fetch_inputs,
     list_inputs,
-    materialise,
-    read_rgb,
+    read_upright_rgb,
     refuse,
 )
 from components.predict.manifest import (
     FAILED,
     MANIFEST,
     OK,
+    ManifestWriter,
     ModelId,
     is_done,
+    merge_manifests,
     model_fields,
     read_manifest,
-    write_manifest,
 )
 from components.predict.model_file import resolve_model
 from components.serving import Segmenter
@@ -64,6 +66,10 @@ class PredictSummary:
         return len(self.segmented) / self.seconds if self.seconds else 0.0
 
 
+OnBatch = Callable[[int, int], None]
+"""Called after each batch's records are written with (inputs done, inputs in all): progress reporting."""
+
+
 def predict(model_uri: str, inputs: str, output_dir: str, **options: Any) -> list[Path]:
     """Segment every image under ``inputs`` into ``output_dir`` (local); returns the trainId PNGs written.
     See :func:`segment_inputs` for the options."""
@@ -81,63 +87,70 @@ def segment_inputs(
     max_pixels: int = MAX_PIXELS,
     skip_bad: bool = False,
     overlays: bool = True,
-    manifest_name: str = MANIFEST,
+    shard: int = 0,
+    merge: bool = True,
     cache_dir: str | None = None,
     device: str = "auto",
     precision: str = "fp32",
     progress: bool = True,
+    on_batch: OnBatch | None = None,
 ) -> PredictSummary:
     """Segment ``inputs`` (a folder, glob or s3:// prefix, or listed InputRefs) into ``output`` (a folder
-    or s3:// prefix) and record every input in ``<output>/<manifest_name>``; see ``components.predict``."""
+    or s3:// prefix); see ``components.predict``.
+
+    Each finished batch is appended to shard ``shard``'s records (:class:`ManifestWriter`), and inputs
+    those records or ``manifest.jsonl`` list as done with this model are skipped, so an interrupted run
+    resumes. ``merge`` (a whole run in this process) also folds every record into ``manifest.jsonl``
+    before and after; one shard of a sharded flow run leaves that to the flow."""
     if large not in ("tile", "resize"):
         raise ValueError(f"large must be 'tile' or 'resize', got {large!r}")
     refs = list_inputs(inputs) if isinstance(inputs, str) else inputs
     check_collisions(refs)
     onnx_path, model = resolve_model(model_uri, cache_dir, precision)
     segmenter = Segmenter(onnx_path, device)
-    manifest = read_manifest(output)
-    records = {source: record for source, record in manifest.items() if source in {r.source for r in refs}}
+    if merge:
+        merge_manifests(output)  # records left by an interrupted sharded run
+    records = read_manifest(output, shards=[shard])
     todo = [ref for ref in refs if not is_done(records.get(ref.source), model)]
-    summary = PredictSummary(model, output, storage.join(output, manifest_name), provider=segmenter.provider)
+    summary = PredictSummary(model, output, storage.join(output, MANIFEST), provider=segmenter.provider)
     summary.resumed = len(refs) - len(todo)
     if summary.resumed:
         logger.info("%d of %d inputs already done with %s v%s: skipped", summary.resumed, len(refs),
                     model.name, model.version)  # fmt: skip
+    writer = ManifestWriter(output, shard)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="cityseg-predict-") as scratch:
-        local = {ref.source: materialise(ref, Path(scratch)) for ref in todo}
-        problems = find_problems(local, max_pixels)
+        local = fetch_inputs(todo, Path(scratch))
+        facts, problems = examine_inputs(local, max_pixels)
         if problems and not skip_bad:
             refuse(problems)
         for source, problem in problems.items():
             logger.warning("skipping %s: %s", source, problem)
-            records[source] = {
-                "input": source,
-                "outputs": {},
-                "status": FAILED,
-                "error": problem,
-                **model_fields(model),
-            }
-            summary.failed[source] = problem
-        good = [ref for ref in todo if ref.source not in problems]
+        summary.failed.update(problems)
+        if problems:
+            writer.append([_failed_record(source, problem, model) for source, problem in problems.items()])
+        finished = summary.resumed + len(problems)
+        good = [ref for ref in todo if ref.source in facts]
         with tqdm(total=len(good), desc="predict", unit="img", disable=not progress) as bar:
-            for batch in _batches(good, local, batch_size, max_side):
-                decoded = [read_rgb(local[ref.source]) for ref in batch]
-                pixels = [rgb for rgb, _ in decoded]
+            for batch in _batches(good, facts, batch_size, max_side):
+                pixels = [
+                    read_upright_rgb(local[ref.source], facts[ref.source].exif_orientation) for ref in batch
+                ]
                 masks = _segment(segmenter, pixels, max_side, large)
-                for ref, (rgb, orientation), mask in zip(batch, decoded, masks, strict=True):
+                batch_records = []
+                for ref, rgb, mask in zip(batch, pixels, masks, strict=True):
                     outputs = _write_outputs(output, ref.relative, rgb, mask, overlays)
-                    records[ref.source] = {
-                        "input": ref.source, "outputs": outputs, "status": OK,
-                        "width": int(mask.shape[1]), "height": int(mask.shape[0]),
-                        "exif_orientation": orientation, "provider": segmenter.provider,
-                        **model_fields(model),
-                    }  # fmt: skip
+                    batch_records.append(
+                        _done_record(ref, facts[ref.source], outputs, mask, segmenter, model)
+                    )
                     summary.segmented.append(outputs["trainIds"])
-                # Recorded after every batch: an interrupted run resumes from here.
-                write_manifest(summary.manifest, records)
+                writer.append(batch_records)  # an interrupted run resumes from here
+                finished += len(batch)
                 bar.update(len(batch))
-    write_manifest(summary.manifest, records)
+                if on_batch:
+                    on_batch(finished, len(refs))
+    if merge:
+        merge_manifests(output)
     summary.seconds = time.perf_counter() - started
     logger.info(
         "segmented %d images (%d done before, %d failed) into %s with %s v%s on %s",
@@ -147,19 +160,30 @@ def segment_inputs(
     return summary
 
 
+def _done_record(
+    ref: InputRef, facts: ImageFacts, outputs: dict[str, str], mask: np.ndarray, segmenter: Segmenter,
+    model: ModelId,
+) -> dict[str, Any]:  # fmt: skip
+    return {
+        "input": ref.source, "outputs": outputs, "status": OK,
+        "width": int(mask.shape[1]), "height": int(mask.shape[0]), "exif_orientation": facts.exif_orientation,
+        "input_format": facts.format, "input_bytes": facts.size_bytes, "input_sha256": facts.sha256,
+        "provider": segmenter.provider, **model_fields(model),
+    }  # fmt: skip
+
+
+def _failed_record(source: str, problem: str, model: ModelId) -> dict[str, Any]:
+    return {"input": source, "outputs": {}, "status": FAILED, "error": problem, **model_fields(model)}
+
+
 def _batches(
-    refs: list[InputRef], local: dict[str, Path], batch_size: int, max_side: int
+    refs: list[InputRef], facts: dict[str, ImageFacts], batch_size: int, max_side: int
 ) -> Iterator[list[InputRef]]:
     """Consecutive images of one size share a batch; a large image goes alone (its tiles are batched)."""
-    from PIL import Image
-
     batch: list[InputRef] = []
     size: tuple[int, int] | None = None
     for ref in refs:
-        with Image.open(local[ref.source]) as opened:
-            this = opened.size
-            if int(opened.getexif().get(0x0112, 1)) in (5, 6, 7, 8):  # rotated by 90 degrees when read
-                this = this[::-1]
+        this = facts[ref.source].upright_size
         if batch and (this != size or len(batch) == batch_size or max(this) > max_side):
             yield batch
             batch = []

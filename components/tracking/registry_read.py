@@ -93,10 +93,27 @@ def load_registered_pytorch(model_uri: str, map_location: Any = "cpu") -> tuple[
     return logged, config
 
 
-def download_registered_file(model_uri: str, in_model: str, cache_root: Path, hint: str = "") -> Path:
+def list_registered_files(model_uri: str, folder: str) -> list[str]:
+    """Names of the files directly in ``folder`` (e.g. ``onnx``) of the registered version ``model_uri``
+    names, sorted. Listing works for every version, including those registered before the version tags
+    that describe them existed."""
+    name, version = registered_version(model_uri)
+    _download_through_the_server()
+    client = mlflow.MlflowClient()
+    try:
+        source = client.get_model_version_download_uri(name, version).rstrip("/")
+        listed = mlflow.artifacts.list_artifacts(artifact_uri=f"{source}/{folder}")
+    except MlflowException as exc:
+        raise ModelError(
+            f"cannot list {folder}/ of {model_uri} in {mlflow.get_tracking_uri()}: {exc.message}. "
+            "Check the name/alias/version and MLFLOW_TRACKING_URI."
+        ) from None
+    return sorted(Path(info.path).name for info in listed if not info.is_dir)
+
+
+def download_registered_file(model_uri: str, in_model: str, cache_root: Path) -> Path:
     """The file ``in_model`` (a path inside the registered model's artifacts, e.g. ``onnx/model.onnx``) of
-    the version ``model_uri`` names, cached at ``<cache_root>/<name>/<version>/<file name>``. ``hint`` ends
-    the error message when the file cannot be had."""
+    the version ``model_uri`` names, cached at ``<cache_root>/<name>/<version>/<file name>``."""
     name, version = registered_version(model_uri)
     _download_through_the_server()
     cached = cache_root / name / version / Path(in_model).name
@@ -113,7 +130,7 @@ def download_registered_file(model_uri: str, in_model: str, cache_root: Path, hi
     except MlflowException as exc:
         raise ModelError(
             f"cannot get {in_model} of {model_uri} from {mlflow.get_tracking_uri()}: "
-            f"{exc.message}. Check the name/alias/version and MLFLOW_TRACKING_URI{hint}."
+            f"{exc.message}. Check the name/alias/version and MLFLOW_TRACKING_URI."
         ) from None
     logger.info("%s is %s version %s (cached at %s)", model_uri, name, version, cached)
     return cached

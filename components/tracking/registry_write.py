@@ -9,7 +9,11 @@ model, ``segmenter``, logged in the *training* run with
     uint8 trainIds (N x H x W), so ``mlflow models serve -m models:/cityscapes-deeplabv3@champion``
     works as is (loader: ``components.serving``; the model's ``code/`` holds only the lean serving
     modules and its requirements.txt only mlflow-skinny, onnxruntime, numpy, pandas: no torch),
-  * the ONNX file itself, which ``python -m components.predict --model models:/...`` downloads.
+  * the ONNX file itself, which ``python -m components.predict --model models:/...`` downloads, and the
+    variants the export stage wrote and gated beside it (``onnx/model.fp16.onnx`` with ``export.fp16``,
+    ``onnx/model.int8.onnx`` with ``export.int8``) for ``--precision``; the version's ``onnx_variants``
+    tag lists them (e.g. ``fp32,int8``); ``components.predict.model_file.available_precisions`` lists the
+    folder, for any version.
 The plain ``onnx`` flavour is logged beside it in the same run (``mlflow.onnx.load_model``).
 
 Artifacts land in the experiment's S3 store: through an MLflow server started with
@@ -44,7 +48,7 @@ from mlflow.types import Schema, TensorSpec
 from components import storage
 from components.config import Config
 from components.errors import MLFLOW_NOT_FOUND_CODES, RegistryError, StorageError
-from components.serving import BUNDLED_MODULES, SERVING_REQUIREMENTS, variant_path
+from components.serving import BUNDLED_MODULES, PRECISIONS, SERVING_REQUIREMENTS, variant_path
 from components.tracking.registry_read import ONNX_SUBPATH
 from components.tracking.runs import configure, git_commit
 
@@ -103,6 +107,8 @@ def register_and_promote(
             "dataset_fingerprint": dataset_fingerprint,
             "training_run_id": train_run_id,
             "git_commit": git_commit(),
+            # What predict --precision can ask this version for (its onnx/ folder holds the files).
+            "onnx_variants": ",".join(["fp32", *_exported_variants(cfg)]),
         }
         # Look again before every attempt: a lost response may hide a version the server did create.
         version = retry(
@@ -196,16 +202,17 @@ def _find_version(client: mlflow.MlflowClient, name: str, train_run_id: str) -> 
 def _log_and_register(
     cfg: Config, train_run_id: str, pytorch_model: Callable[[], Any], onnx_path: str, tags: dict[str, str]
 ) -> Any:
+    variant_files = _variant_files(cfg, onnx_path)  # before anything is loaded or logged
     model = pytorch_model()
     active = mlflow.active_run()
     run = nullcontext() if active and active.info.run_id == train_run_id else mlflow.start_run(train_run_id)
     # A retried attempt (MLflow or S3 outage) must not leave a model-sized copy behind in /tmp.
     with tempfile.TemporaryDirectory(prefix="cityseg-registry-") as scratch, run:
         local_onnx = storage.copy_to_local(onnx_path, Path(scratch, "model.onnx"))
-        variants = {}
-        if cfg.export.int8:  # the export stage wrote it beside the fp32 file
-            int8_uri = variant_path(onnx_path, "int8")
-            variants["int8"] = str(storage.copy_to_local(int8_uri, Path(scratch, "model.int8.onnx")))
+        variants = {
+            precision: str(storage.copy_to_local(uri, Path(scratch, f"model.{precision}.onnx")))
+            for precision, uri in variant_files.items()
+        }
         info = mlflow.models.Model.log(
             artifact_path=None,
             name=MODEL_NAME,
@@ -231,6 +238,24 @@ def _log_and_register(
         "registered %s version %s from run %s", cfg.registry.model_name, version.version, train_run_id
     )
     return version
+
+
+def _exported_variants(cfg: Config) -> list[str]:
+    """The precisions beside fp32 that the export stage wrote (and gated) under ``cfg.export``."""
+    return [precision for precision in PRECISIONS if precision != "fp32" and getattr(cfg.export, precision)]
+
+
+def _variant_files(cfg: Config, onnx_path: str) -> dict[str, str]:
+    """precision -> the variant file the export stage wrote beside ``onnx_path``; a missing one is a
+    RegistryError naming it (not a network error to retry)."""
+    files = {precision: variant_path(onnx_path, precision) for precision in _exported_variants(cfg)}
+    for precision, uri in files.items():
+        if not storage.exists(uri):
+            raise RegistryError(
+                f"export.{precision} is on but {uri} does not exist: export {onnx_path} with "
+                f"export.{precision}=true before registering it (or register with export.{precision}=false)"
+            )
+    return files
 
 
 def _promote(
