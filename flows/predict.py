@@ -46,6 +46,7 @@ from prefect.client.schemas.filters import (
     FlowRunFilter,
     FlowRunFilterTags,
 )
+from prefect.exceptions import ObjectNotFound
 from prefect.futures import wait
 from prefect.runtime import flow_run
 
@@ -140,7 +141,9 @@ def predict(
             f"shards={shards} runs each shard as a flow run of a shard deployment: pass shard_deployment "
             "(e.g. predict-shard/cityscapes, deployed by deploy/deploy.sh) or shards=1 to run in this process"
         )
-    if not shard_deployment:
+    if shard_deployment:
+        slots = _shard_slots(shard_deployment, max_parallel, shards)
+    else:
         check_device(device)  # segmenting here: device=cuda without a usable GPU fails before any work
     export_aws_credentials()
     started = time.perf_counter()
@@ -148,7 +151,8 @@ def predict(
     refs = list_inputs(inputs)
     check_collisions(refs)
     merge_manifests(output)  # records an interrupted run left in its shards' files
-    todo = [ref for ref in refs if not is_done(read_manifest(output, shards=[]).get(ref.source), model_id)]
+    done = read_manifest(output, shards=[])
+    todo = [ref for ref in refs if not is_done(done.get(ref.source), model_id)]
     done_before = len(refs) - len(todo)
     progress = create_progress_artifact(
         0.0, key="predict-progress", description=f"{len(todo)} inputs to segment"
@@ -159,9 +163,7 @@ def predict(
     if not groups:
         rows: list[dict[str, Any]] = []
     elif shard_deployment:
-        rows = _run_on_pool(
-            shard_deployment, model_uri, output, groups, options, max_parallel, retries, progress
-        )
+        rows = _run_on_pool(shard_deployment, model_uri, output, groups, options, slots, retries, progress)
     else:
         rows = [_run_in_process(model_uri, output, todo, options, retries, progress)]
     counts = merge_manifests(output)
@@ -249,13 +251,12 @@ def _run_on_pool(
     output: str,
     groups: list[list[InputRef]],
     options: dict[str, Any],
-    max_parallel: int | None,
+    slots: int,
     retries: int,
     progress: UUID,
 ) -> list[dict[str, Any]]:
-    """Every group as a ``predict-shard`` flow run of ``deployment``, at most ``max_parallel`` at once;
+    """Every group as a ``predict-shard`` flow run of ``deployment``, at most ``slots`` at once;
     the run-level progress follows the shards' own progress artifacts while they run."""
-    slots = max_parallel or _pool_size(deployment, len(groups))
     tag = f"predict:{flow_run.id}"
     work_root = storage.join(output, WORK_FOLDER, str(flow_run.id))
     logger.info("%d shards of %s on %s, at most %d at once", len(groups),
@@ -326,14 +327,23 @@ def _shard_row(shard: int, inputs: int, future: Any) -> dict[str, Any]:
     }
 
 
-def _pool_size(deployment: str, shards: int) -> int:
-    """The concurrency limit of the deployment's work pool, else every shard at once (the pool queues)."""
+def _shard_slots(deployment: str, max_parallel: int | None, shards: int) -> int:
+    """How many shards run at once: ``max_parallel``, else the concurrency limit of the shard deployment's
+    work pool, else every shard (the pool queues them). A missing deployment is a ConfigError."""
     with get_client(sync_client=True) as client:
-        pool = client.read_work_pool(client.read_deployment_by_name(deployment).work_pool_name)
-    if pool.concurrency_limit:
-        return pool.concurrency_limit
+        try:
+            pool_name = client.read_deployment_by_name(deployment).work_pool_name
+        except ObjectNotFound:
+            raise ConfigError(
+                f"shard deployment {deployment} not found: deploy it first (deploy/deploy.sh <variant>)"
+            ) from None
+        if max_parallel:
+            return max_parallel
+        limit = client.read_work_pool(pool_name).concurrency_limit
+    if limit:
+        return limit
     logger.info("work pool %s has no concurrency limit: all %d shards may run at once (set max_parallel "
-                "or the pool's limit to bound them)", pool.name, shards)  # fmt: skip
+                "or the pool's limit to bound them)", pool_name, shards)  # fmt: skip
     return shards
 
 

@@ -86,6 +86,14 @@ def test_records_survive_a_new_writer_and_the_later_one_wins(output: str) -> Non
         )
 
 
+def test_a_shard_of_a_flow_run_reads_only_its_own_records(output: str) -> None:
+    write_manifest(storage.join(output, MANIFEST), {"a.png": _record("a.png")})  # 200,000 lines, say
+    ManifestWriter(output, shard=1).append([_record("b.png")])
+    ManifestWriter(output, shard=2).append([_record("c.png")])
+    assert set(read_manifest(output, shards=[1])) == {"a.png", "b.png"}
+    assert set(read_manifest(output, shards=[1], merged=False)) == {"b.png"}
+
+
 def test_two_writers_of_one_shard_never_overwrite_each_other(output: str) -> None:
     attempt = ManifestWriter(output, shard=2)
     attempt.append([_record("a.png", FAILED)])

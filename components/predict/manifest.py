@@ -95,10 +95,14 @@ class ManifestWriter:
         self.bytes_written += len(data)
 
 
-def read_manifest(output: str, shards: Iterable[int] | None = None) -> dict[str, dict[str, Any]]:
-    """input -> record, from ``manifest.jsonl`` and then the shards' records under ``output`` (all shards,
-    or only ``shards``), in the order they were written: a later record for the same input wins."""
-    return _read_records(output, _record_names(output, shards))
+def read_manifest(
+    output: str, shards: Iterable[int] | None = None, merged: bool = True
+) -> dict[str, dict[str, Any]]:
+    """input -> record, from ``manifest.jsonl`` (unless not ``merged``: a shard of a flow run, whose flow
+    already left out what it lists) and then the shards' records under ``output`` (all shards, or only
+    ``shards``), in the order they were written: a later record for the same input wins."""
+    names = _record_names(output, shards)
+    return _read_records(output, names if merged else [name for name in names if name != MANIFEST])
 
 
 def write_manifest(uri: str, records: dict[str, dict[str, Any]]) -> None:

@@ -101,7 +101,8 @@ def segment_inputs(
     Each finished batch is appended to shard ``shard``'s records (:class:`ManifestWriter`), and inputs
     those records or ``manifest.jsonl`` list as done with this model are skipped, so an interrupted run
     resumes. ``merge`` (a whole run in this process) also folds every record into ``manifest.jsonl``
-    before and after; one shard of a sharded flow run leaves that to the flow."""
+    before and after; one shard of a flow run (``merge=False``) leaves that to the flow, which also left
+    out what ``manifest.jsonl`` lists as done, so the shard reads only its own records."""
     if large not in ("tile", "resize"):
         raise ValueError(f"large must be 'tile' or 'resize', got {large!r}")
     refs = list_inputs(inputs) if isinstance(inputs, str) else inputs
@@ -110,7 +111,7 @@ def segment_inputs(
     segmenter = Segmenter(onnx_path, device)
     if merge:
         merge_manifests(output)  # records left by an interrupted sharded run
-    records = read_manifest(output, shards=[shard])
+    records = read_manifest(output, shards=[shard], merged=merge)
     todo = [ref for ref in refs if not is_done(records.get(ref.source), model)]
     summary = PredictSummary(model, output, storage.join(output, MANIFEST), provider=segmenter.provider)
     summary.resumed = len(refs) - len(todo)
