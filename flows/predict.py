@@ -364,8 +364,8 @@ def _pool_progress(client: Any, tag: str, sizes: list[int], rows: list[dict[str,
 
 
 def _update_table(rows: list[dict[str, Any]]) -> None:
-    columns = ("shard", "state", "inputs", "segmented", "resumed", "failed", "images_per_second", "seconds",
-               "provider", "attempts", "flow_run", "message")  # fmt: skip
+    columns = ("shard", "state", "attempts", "flow_run", "inputs", "segmented", "resumed", "failed",
+               "images_per_second", "seconds", "provider", "message")  # fmt: skip
     create_table_artifact(
         [{column: row.get(column) for column in columns} for row in sorted(rows, key=lambda r: r["shard"])],
         key="predict-shards",
