@@ -18,6 +18,7 @@ from prefect import Flow
 from prefect.artifacts import create_link_artifact
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import FlowRun
+from prefect.client.schemas.responses import DeploymentResponse as Deployment
 from prefect.concurrency.sync import concurrency as concurrency_slot
 from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
@@ -25,6 +26,7 @@ from prefect.runtime import flow_run
 
 from components import tracking
 from components.config import Config, StageName
+from components.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +55,17 @@ def run_stage(cfg: Config, stage: StageName, stage_flow: Flow[..., Any], **param
             "see that flow run's logs"
         )
     return stage_run.state.result()
+
+
+def read_deployment(name: str) -> Deployment:
+    """The deployment ``flow/name``; a ConfigError that says how to deploy it when there is none."""
+    with get_client(sync_client=True) as client:
+        try:
+            return client.read_deployment_by_name(name)
+        except ObjectNotFound:
+            raise ConfigError(
+                f"deployment {name} not found: deploy it first (deploy/deploy.sh <variant>)"
+            ) from None
 
 
 @contextmanager

@@ -46,7 +46,6 @@ from prefect.client.schemas.filters import (
     FlowRunFilter,
     FlowRunFilterTags,
 )
-from prefect.exceptions import ObjectNotFound
 from prefect.futures import wait
 from prefect.runtime import flow_run
 
@@ -55,6 +54,7 @@ from components.errors import ConfigError, DataError
 from components.predict import (
     MANIFEST,
     InputRef,
+    PredictSummary,
     check_collisions,
     is_done,
     list_inputs,
@@ -66,7 +66,7 @@ from components.predict import (
 from components.serving import Device, check_device
 from flows.credentials import export_aws_credentials
 from flows.logs import show_project_logs
-from flows.orchestration import POLL_SECONDS, concurrency_limit, run_in_slot
+from flows.orchestration import POLL_SECONDS, concurrency_limit, read_deployment, run_in_slot
 
 logger = logging.getLogger(__name__)
 
@@ -101,11 +101,15 @@ def predict_shard(
         shard=shard, merge=False, device=device, precision=precision, progress=False,
         on_batch=_progress_updater(progress),
     )  # fmt: skip
+    return {"inputs": len(refs), **_shard_result(summary)}
+
+
+def _shard_result(summary: PredictSummary) -> dict[str, Any]:
+    """A shard's row of the ``predict-shards`` table (its failed inputs are in the manifest)."""
     return {
-        "inputs": len(refs),
         "segmented": len(summary.segmented),
         "resumed": summary.resumed,
-        "failed": summary.failed,
+        "failed": len(summary.failed),
         "provider": summary.provider,
         "seconds": round(summary.seconds, 2),
         "images_per_second": round(summary.images_per_second, 3),
@@ -215,14 +219,7 @@ def segment_task(
         model_uri, refs, output, shard=0, merge=False, progress=False, on_batch=_progress_updater(progress),
         **options,
     )  # fmt: skip
-    return {
-        "segmented": len(summary.segmented),
-        "resumed": summary.resumed,
-        "failed": len(summary.failed),
-        "provider": summary.provider,
-        "seconds": round(summary.seconds, 2),
-        "images_per_second": round(summary.images_per_second, 3),
-    }
+    return _shard_result(summary)
 
 
 def _not_bad_input(_task: Any, _run: Any, state: Any) -> bool:
@@ -318,27 +315,16 @@ def _shard_row(shard: int, inputs: int, future: Any) -> dict[str, Any]:
         outcome = future.result()
     except Exception as exc:  # the task itself failed (e.g. the API was unreachable)
         outcome = {"state": "Error", "message": str(exc)}
-    failed = outcome.get("failed", {})
-    return {
-        "shard": shard,
-        "inputs": inputs,
-        **outcome,
-        "failed": len(failed) if isinstance(failed, dict) else failed,
-    }
+    return {"shard": shard, "inputs": inputs, **outcome}
 
 
 def _shard_slots(deployment: str, max_parallel: int | None, shards: int) -> int:
     """How many shards run at once: ``max_parallel``, else the concurrency limit of the shard deployment's
     work pool, else every shard (the pool queues them). A missing deployment is a ConfigError."""
+    pool_name = read_deployment(deployment).work_pool_name
+    if max_parallel:
+        return max_parallel
     with get_client(sync_client=True) as client:
-        try:
-            pool_name = client.read_deployment_by_name(deployment).work_pool_name
-        except ObjectNotFound:
-            raise ConfigError(
-                f"shard deployment {deployment} not found: deploy it first (deploy/deploy.sh <variant>)"
-            ) from None
-        if max_parallel:
-            return max_parallel
         limit = client.read_work_pool(pool_name).concurrency_limit
     if limit:
         return limit

@@ -30,8 +30,6 @@ from typing import Any
 import yaml
 from prefect import flow, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
-from prefect.client.orchestration import get_client
-from prefect.exceptions import ObjectNotFound
 from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
 from prefect.settings import PREFECT_API_URL
@@ -46,6 +44,7 @@ from flows.orchestration import (
     concurrency_limit,
     link_registered_version,
     pipeline_run,
+    read_deployment,
     run_in_slot,
     run_stage,
 )
@@ -113,14 +112,7 @@ def validate_points(recipe: str, common: list[str], own: list[list[str]]) -> Non
 
 def deployment_overrides(deployment: str) -> list[str]:
     """The deployment's default ``overrides`` (parameters passed to run_deployment replace them)."""
-    with get_client(sync_client=True) as client:
-        try:
-            parameters = client.read_deployment_by_name(deployment).parameters
-        except ObjectNotFound:
-            raise ConfigError(
-                f"deployment {deployment} not found: deploy it first (deploy/deploy.sh <variant>)"
-            ) from None
-    return list(parameters.get("overrides") or [])
+    return list(read_deployment(deployment).parameters.get("overrides") or [])
 
 
 @task(name="sweep-point")

@@ -44,9 +44,7 @@ def test_shard_settings_are_refused_before_anything_runs(
 def test_a_missing_shard_deployment_is_named(prefect_api: None, tmp_path: Path) -> None:
     from flows.predict import predict
 
-    with pytest.raises(
-        ConfigError, match="shard deployment predict-shard/nowhere not found: deploy it first"
-    ):
+    with pytest.raises(ConfigError, match="deployment predict-shard/nowhere not found: deploy it first"):
         predict.fn(
             inputs=str(tmp_path),
             output=str(tmp_path / "out"),
