@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +18,24 @@ def prepared_synthetic(root: Path, *, train: int, val: int, height: int, width: 
     generate_synthetic_cityscapes(root, train=train, val=val, height=height, width=width, cities=2, seed=0)
     create_trainid_labels(root, workers=2, progress=False)
     return root
+
+
+@pytest.fixture(scope="session", autouse=True)
+def temp_files_in_basetemp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Temp files of this process and the servers and jobs it starts go under pytest's base folder,
+    which pytest removes after a passing run (``tmp_path_retention_policy``): what a library leaves in
+    the temp folder cannot pile up across runs and fill CI's disk."""
+    folder = tmp_path_factory.getbasetemp() / "tmp"
+    folder.mkdir(exist_ok=True)
+    before = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(folder)
+    tempfile.tempdir = None  # recomputed from TMPDIR on next use
+    yield
+    if before is None:
+        os.environ.pop("TMPDIR")
+    else:
+        os.environ["TMPDIR"] = before
+    tempfile.tempdir = None
 
 
 @pytest.fixture(scope="session")

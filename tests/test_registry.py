@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -71,7 +72,13 @@ def _torch_argmax(checkpoint: str, images: list[np.ndarray]) -> np.ndarray:
 
 @pytest.mark.slow
 def test_register_promote_pull_and_serve(
-    server, tmp_path: Path, tmp_path_factory, synthetic_root: Path, caplog, capfd
+    server,
+    tmp_path: Path,
+    tmp_path_factory,
+    synthetic_root: Path,
+    caplog,
+    capfd,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from components.registry import register_model
 
@@ -156,15 +163,22 @@ def test_register_promote_pull_and_serve(
     # The registered pyfunc serves masks equal to the ONNX argmax.
     from components.serving import Segmenter
 
-    served = mlflow.pyfunc.load_model(f"models:/{NAME}@champion").predict(np.stack(rgb))
+    (tmp_path / "pyfunc").mkdir()
+    served = mlflow.pyfunc.load_model(f"models:/{NAME}@champion", dst_path=str(tmp_path / "pyfunc"))
+    served = served.predict(np.stack(rgb))
     assert served.dtype == np.uint8 and served.shape == expected.shape
     np.testing.assert_array_equal(served, Segmenter(exported.onnx_path).masks(np.stack(rgb)))
 
     # The pytorch flavour of the same version loads through components.model.
     from components.model import load_model
 
+    # ... and leaves no copy of the model folder behind (MLflow's default is a temp folder never removed).
+    temp_root = tmp_path / "temp-root"
+    temp_root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp_root))
     model, loaded_cfg = load_model(f"models:/{NAME}@champion")
     assert loaded_cfg.recipe == "demo" and isinstance(model, torch.nn.Module)
+    assert not list(temp_root.iterdir())
 
     # No secret anywhere: logs, output, server log, params, tags, artifacts.
     captured = capfd.readouterr()

@@ -82,8 +82,12 @@ def load_registered_pytorch(model_uri: str, map_location: Any = "cpu") -> tuple[
     try:
         run_id = client.get_model_version(name, version).run_id
         # By version, not alias: the weights and config.yaml must come from one version even if the
-        # alias moves meanwhile.
-        logged = mlflow.pytorch.load_model(f"models:/{name}/{version}", map_location=map_location)
+        # alias moves meanwhile. MLflow downloads the whole model folder (ONNX files too) to a temp
+        # folder it never removes unless given one: the weights are in memory once loaded.
+        with tempfile.TemporaryDirectory(prefix="cityseg-model-") as scratch:
+            logged = mlflow.pytorch.load_model(
+                f"models:/{name}/{version}", dst_path=scratch, map_location=map_location
+            )
         config = yaml.safe_load(mlflow.artifacts.load_text(f"runs:/{run_id}/config.yaml"))
     except MlflowException as exc:
         raise ModelError(

@@ -158,6 +158,10 @@ fi
 build "$MLFLOW_SERVER_IMAGE" --build-arg "MLFLOW_IMAGE=$MLFLOW_IMAGE" infra/mlflow
 build "$PREFECT_SERVER_IMAGE" --build-arg "PREFECT_IMAGE=$PREFECT_IMAGE" infra/prefect
 build "$CITYSEG_IMAGE" --build-arg "GIT_COMMIT=$(git rev-parse HEAD 2>/dev/null || echo unknown)" .
+# Each code change leaves the previous project image untagged (GBs once the dependencies changed): remove
+# those, and only those (by the project image's label; build-stage caches carry none and are kept).
+phase "remove superseded $CITYSEG_IMAGE builds"
+docker image prune --force --filter "label=org.opencontainers.image.title=cityseg-ops" | tail -n 1
 # The GPU pools run this image with device=cuda: its onnxruntime must be the GPU build and find the CUDA
 # runtime and cuDNN libraries of torch's nvidia-* wheels. Checkable without a GPU (only the driver is absent).
 phase "check $CITYSEG_IMAGE: onnxruntime has CUDAExecutionProvider and its CUDA libraries"
