@@ -43,6 +43,7 @@ from components.predict.manifest import (
     merge_manifests,
     model_fields,
     read_manifest,
+    status_counts,
 )
 
 BENCH_DIR = Path(__file__).parent
@@ -181,7 +182,7 @@ def _store_rows(
     )
     full, full_out = run(append_after_every_batch, f"append-{len(records)}", records)
     started = time.perf_counter()
-    counts = merge_manifests(full_out)
+    counts = status_counts(merge_manifests(full_out))
     merge_s = time.perf_counter() - started
     merged = read_manifest(full_out, shards=[]) == {record["input"]: record for record in records}
     all_bytes, linear = totals[-1], records_bytes(records)

@@ -60,8 +60,8 @@ from components.predict import (
     list_inputs,
     merge_manifests,
     pin_model,
-    read_manifest,
     segment_inputs,
+    status_counts,
 )
 from components.serving import Device, check_device
 from flows.credentials import export_aws_credentials
@@ -154,8 +154,7 @@ def predict(
     model_uri, model_id = pin_model(model, precision)
     refs = list_inputs(inputs)
     check_collisions(refs)
-    merge_manifests(output)  # records an interrupted run left in its shards' files
-    done = read_manifest(output, shards=[])
+    done = merge_manifests(output)  # with the records an interrupted run left in its shards' files
     todo = [ref for ref in refs if not is_done(done.get(ref.source), model_id)]
     done_before = len(refs) - len(todo)
     progress = create_progress_artifact(
@@ -170,8 +169,7 @@ def predict(
         rows = _run_on_pool(shard_deployment, model_uri, output, groups, options, slots, retries, progress)
     else:
         rows = [_run_in_process(model_uri, output, todo, options, retries, progress)]
-    counts = merge_manifests(output)
-    final = read_manifest(output, shards=[])
+    final = merge_manifests(output)
     segmented = sum(is_done(final.get(ref.source), model_id) for ref in refs) - done_before
     failed = {
         ref.source: final[ref.source]["error"]
@@ -188,7 +186,7 @@ def predict(
         "done_before": done_before,
         "failed": failed,
         "manifest": storage.join(output, MANIFEST),
-        "manifest_status": counts,
+        "manifest_status": status_counts(final),
         "seconds": round(seconds, 1),
         "images_per_second": round(segmented / seconds, 3),
         "shards": rows,

@@ -64,6 +64,7 @@ from components.predict.manifest import (
     merge_manifests,
     read_manifest,
     shard_records_name,
+    status_counts,
     write_manifest,
 )
 from components.predict.model_file import (
@@ -101,5 +102,6 @@ __all__ = [
     "resolve_onnx",
     "segment_inputs",
     "shard_records_name",
+    "status_counts",
     "write_manifest",
 ]

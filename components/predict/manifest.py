@@ -110,16 +110,21 @@ def write_manifest(uri: str, records: dict[str, dict[str, Any]]) -> None:
     storage.write_bytes(uri, "".join(_line(records[key]) for key in sorted(records)).encode())
 
 
-def merge_manifests(output: str) -> dict[str, int]:
+def merge_manifests(output: str) -> dict[str, dict[str, Any]]:
     """Fold every shard's records under ``output`` into ``manifest.jsonl`` (one line per input; atomic
-    locally), then delete the shard files and objects that were read (never ones written since), and count
-    the inputs per status (``ok``, ``failed``)."""
+    locally), then delete the shard files and objects that were read (never ones written since). Returns
+    the merged records (input -> record), so a caller needs no second read of the manifest."""
     names = _record_names(output, None)
     records = _read_records(output, names)
     shard_names = [name for name in names if name != MANIFEST]
     if shard_names:  # nothing to fold in: write nothing (a refused run leaves no output folder)
         write_manifest(storage.join(output, MANIFEST), records)
     storage.delete_many([storage.join(output, name) for name in shard_names])
+    return records
+
+
+def status_counts(records: dict[str, dict[str, Any]]) -> dict[str, int]:
+    """Inputs per status (``ok``, ``failed``)."""
     return dict(Counter(record["status"] for record in records.values()))
 
 

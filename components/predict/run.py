@@ -109,9 +109,9 @@ def segment_inputs(
     check_collisions(refs)
     onnx_path, model = resolve_model(model_uri, cache_dir, precision)
     segmenter = Segmenter(onnx_path, device)
-    if merge:
-        merge_manifests(output)  # records left by an interrupted sharded run
-    records = read_manifest(output, shards=[shard], merged=merge)
+    # A whole run folds in what an interrupted sharded run left; one shard of a flow run reads only its own
+    # records (its flow already left out what manifest.jsonl lists as done).
+    records = merge_manifests(output) if merge else read_manifest(output, shards=[shard], merged=False)
     todo = [ref for ref in refs if not is_done(records.get(ref.source), model)]
     summary = PredictSummary(model, output, storage.join(output, MANIFEST), provider=segmenter.provider)
     summary.resumed = len(refs) - len(todo)
